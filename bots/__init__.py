@@ -1,0 +1,1 @@
+"""Automated seats: bot policies (offline scripted backend, later LLMs) and synthetic humans."""

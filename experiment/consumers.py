@@ -1,0 +1,99 @@
+"""The participant websocket. Thin: authenticate from the URL token, check the frame, call
+``actions.dispatch`` in a thread, forward events. No game logic here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from experiment import actions, events
+from experiment.game import RuleError
+from experiment.models import Participant
+from experiment.selectors import seat_state
+
+
+@database_sync_to_async
+def _participant_by_token(token: str) -> tuple[int, int] | None:
+    row = Participant.objects.filter(token=token, controller=Participant.Controller.PERSON).values_list(
+        "pk", "session_id").first()
+    return row
+
+
+class ParticipantConsumer(AsyncWebsocketConsumer):
+    participant_id: int
+    session_id: int
+
+    async def connect(self) -> None:
+        found = await _participant_by_token(self.scope["url_route"]["kwargs"]["token"])
+        if found is None:
+            await self.close(code=4404)
+            return
+        self.participant_id, self.session_id = found
+        self.joined: set[str] = set()
+        await self.accept()
+        await self._send_state()
+
+    async def disconnect(self, code: int) -> None:
+        for name in getattr(self, "joined", set()):
+            await self.channel_layer.group_discard(name, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            await self._error(None, "invalid_message", "Send JSON text frames.")
+            return
+        if len(text_data) > settings.PARTNERLAB_MAX_FRAME_CHARS:
+            await self._error(None, "frame_too_large",
+                              f"Messages can be at most {settings.PARTNERLAB_MAX_FRAME_CHARS} characters.")
+            return
+        try:
+            message = json.loads(text_data)
+        except ValueError:
+            await self._error(None, "malformed_json", "That message is not valid JSON.")
+            return
+        ref = message.get("ref") if isinstance(message, dict) and isinstance(message.get("ref"), str) else None
+        try:
+            ack = await database_sync_to_async(actions.dispatch)(self.participant_id, message)
+        except RuleError as exc:
+            await self._error(ref, exc.code, exc.message)
+            return
+        await self.send(text_data=json.dumps(ack))
+
+    # -- channel-layer handlers ---------------------------------------------------------------
+
+    async def seat_refresh(self, message: dict[str, Any]) -> None:
+        await self._send_state()
+
+    async def seat_forward(self, message: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(message["event"]))
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _send_state(self) -> None:
+        state = await database_sync_to_async(seat_state)(self.participant_id)
+        await self._subscribe(state)
+        await self.send(text_data=json.dumps(state))
+
+    async def _subscribe(self, state: dict[str, Any]) -> None:
+        """Follow the seat, and the lobby or the group depending on where the participant is now."""
+        wanted = {events.seat_channel(self.participant_id)}
+        if state["stage"] == Participant.Status.LOBBY:
+            wanted.add(events.lobby_channel(self.session_id))
+        if "game" in state:
+            wanted.add(events.group_channel(await self._group_id()))
+        for name in wanted - self.joined:
+            await self.channel_layer.group_add(name, self.channel_name)
+        for name in self.joined - wanted:
+            await self.channel_layer.group_discard(name, self.channel_name)
+        self.joined = wanted
+
+    @database_sync_to_async
+    def _group_id(self) -> int:
+        return Participant.objects.values_list("group_id", flat=True).get(pk=self.participant_id)
+
+    async def _error(self, ref: str | None, code: str, message: str) -> None:
+        await self.send(text_data=json.dumps({"type": "error", "ref": ref, "code": code, "message": message}))

@@ -1,0 +1,209 @@
+"""Every message shape of the participant protocol, declared in one place, and the broadcast helper.
+
+docs/protocol.md documents the same shapes with examples; tests/experiment/test_events.py checks
+that what the server sends matches these declarations.
+
+Client → server: one JSON object per frame with a ``type`` from :data:`CLIENT_MESSAGES` and an
+optional ``ref`` (any short string) echoed in the reply.
+
+Server → client:
+- ``state``: the full state of the participant's seat. Sent on connect and whenever the seat's view
+  changes beyond a progress count (stage or phase changes, own submissions).
+- ``progress``: how many of the seats that must act in the current phase have acted.
+- ``ack`` / ``error``: the reply to one client message.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal, NotRequired, TypedDict
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+# ---- client → server ------------------------------------------------------------------------------
+
+class ConsentMsg(TypedDict):
+    type: Literal["consent"]
+    accept: bool
+    ref: NotRequired[str]
+
+
+class InstructionsDoneMsg(TypedDict):
+    type: Literal["instructions.done"]
+    ref: NotRequired[str]
+
+
+class QuizSubmitMsg(TypedDict):
+    type: Literal["quiz.submit"]
+    answers: dict[str, str]
+    ref: NotRequired[str]
+
+
+class PitchSubmitMsg(TypedDict):
+    type: Literal["pitch.submit"]
+    round: int
+    text: str
+    ref: NotRequired[str]
+
+
+class ChoiceSubmitMsg(TypedDict):
+    type: Literal["choice.submit"]
+    round: int
+    candidate: str
+    amount: int
+    ref: NotRequired[str]
+
+
+class ReturnSubmitMsg(TypedDict):
+    type: Literal["return.submit"]
+    round: int
+    selector: str
+    amount: int
+    ref: NotRequired[str]
+
+
+class BeliefEntry(TypedDict):
+    guess: Literal["human", "bot"]
+    confidence: int
+
+
+class BeliefSubmitMsg(TypedDict):
+    type: Literal["belief.submit"]
+    round: int
+    beliefs: dict[str, BeliefEntry]
+    ref: NotRequired[str]
+
+
+class QuestionnaireSubmitMsg(TypedDict):
+    type: Literal["questionnaire.submit"]
+    answers: dict[str, Any]
+    ref: NotRequired[str]
+
+
+class PingMsg(TypedDict):
+    type: Literal["ping"]
+    ref: NotRequired[str]
+
+
+CLIENT_MESSAGES: dict[str, type] = {
+    "consent": ConsentMsg,
+    "instructions.done": InstructionsDoneMsg,
+    "quiz.submit": QuizSubmitMsg,
+    "pitch.submit": PitchSubmitMsg,
+    "choice.submit": ChoiceSubmitMsg,
+    "return.submit": ReturnSubmitMsg,
+    "belief.submit": BeliefSubmitMsg,
+    "questionnaire.submit": QuestionnaireSubmitMsg,
+    "ping": PingMsg,
+}
+
+
+# ---- server → client ------------------------------------------------------------------------------
+
+class StateEvent(TypedDict):
+    type: Literal["state"]
+    version: int
+    server_time: str
+    stage: str
+    me: dict[str, Any]
+    experiment: dict[str, Any]
+    # Exactly one of these is present, matching ``stage``:
+    consent: NotRequired[dict[str, Any]]
+    instructions: NotRequired[dict[str, Any]]
+    quiz: NotRequired[dict[str, Any]]
+    lobby: NotRequired[dict[str, Any]]
+    game: NotRequired[dict[str, Any]]
+    questionnaire: NotRequired[dict[str, Any]]
+    end: NotRequired[dict[str, Any]]
+
+
+class ProgressEvent(TypedDict):
+    type: Literal["progress"]
+    version: int
+    round: int
+    phase: str
+    done: int
+    of: int
+
+
+class AckEvent(TypedDict):
+    type: Literal["ack"]
+    ref: str | None
+    action: str
+
+
+class ErrorEvent(TypedDict):
+    type: Literal["error"]
+    ref: str | None
+    code: str
+    message: str
+
+
+SERVER_EVENTS: dict[str, type] = {"state": StateEvent, "progress": ProgressEvent, "ack": AckEvent, "error": ErrorEvent}
+
+
+def apply_event(state: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """The client's reducer: the state after an event. Mirrored in static/experiment/play.js.
+
+    A ``state`` replaces everything; a ``progress`` for the current round and phase updates the
+    counter; events older than the state are ignored.
+    """
+    if event["type"] == "state":
+        return event
+    if event["type"] == "progress":
+        game = state.get("game")
+        if not game or event["version"] < state["version"]:
+            return state
+        if (game["round"], game["phase"]) != (event["round"], event["phase"]):
+            return state
+        return {**state, "version": event["version"],
+                "game": {**game, "progress": {"done": event["done"], "of": event["of"]}}}
+    return state
+
+
+# ---- channel-layer fan-out ------------------------------------------------------------------------
+# Channel-layer messages name a consumer handler in ``type``: "seat.refresh" asks every connection of
+# the receiving channel group to send a fresh ``state``; "seat.forward" forwards ``event`` as is.
+
+def group_channel(group_id: int) -> str:
+    return f"group-{group_id}"
+
+
+def seat_channel(participant_id: int) -> str:
+    return f"seat-{participant_id}"
+
+
+def lobby_channel(session_id: int) -> str:
+    return f"lobby-{session_id}"
+
+
+def monitor_channel(session_id: int) -> str:
+    return f"monitor-{session_id}"
+
+
+def send_on_commit(channel_group: str, message: dict[str, Any]) -> None:
+    """Send to a channel group once the current transaction has committed (never before)."""
+    transaction.on_commit(lambda: _send_now(channel_group, message))
+
+
+def _send_now(channel_group: str, message: dict[str, Any]) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(channel_group, message)
+    except Exception:  # a lost notification must never undo a committed action: clients resync on reconnect
+        logger.exception("broadcast to %s failed", channel_group)
+
+
+def refresh_on_commit(channel_group: str) -> None:
+    send_on_commit(channel_group, {"type": "seat.refresh"})
+
+
+def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
+    send_on_commit(channel_group, {"type": "seat.forward", "event": event})

@@ -1,0 +1,25 @@
+"""The jobs the scheduler runs. Each takes ids, re-reads state and does nothing when obsolete."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from experiment import services
+
+
+def phase_close(*, group_id: int, round_number: int, phase: str) -> None:
+    services.phase_close(group_id=group_id, round_number=round_number, phase=phase, reason="deadline")
+
+
+def seat_act(*, participant_id: int, round_number: int, phase: str) -> None:
+    from bots import automation
+
+    automation.seat_act(participant_id=participant_id, round_number=round_number, phase=phase)
+
+
+def sweep() -> None:
+    services.sweep()
+
+
+JOBS: dict[str, Callable[..., Any]] = {"phase_close": phase_close, "seat_act": seat_act, "sweep": sweep}

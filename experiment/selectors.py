@@ -1,0 +1,160 @@
+"""Reads. :func:`seat_state` is the one view of the game a seat gets: browsers, bots and synthetic
+participants all see exactly this (so a bot never knows more than a human in its seat).
+
+It never reveals whether another seat is a bot, except through the identity label that the
+condition prescribes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from django.utils import timezone
+
+from experiment import game, services
+from experiment.game import Phase
+from experiment.models import Belief, Choice, Group, Message, Participant, Return, RoundPayoff
+from experiment.questionnaire import QUESTIONS
+
+P = Participant
+
+
+def seat_state(participant_id: int) -> dict[str, Any]:
+    p = Participant.objects.select_related("session__experiment", "group__condition").get(pk=participant_id)
+    experiment = p.session.experiment
+    params = experiment.params()
+    state: dict[str, Any] = {
+        "type": "state",
+        "version": p.group.version if p.group else 0,
+        "server_time": timezone.now().isoformat(),
+        "stage": p.status,
+        "me": {"seat": p.seat, "role": p.role, "name": p.public_name, "colour": game.colour_of(p.seat) if p.role == P.Role.CANDIDATE else None},
+        "experiment": {"rounds": params.n_rounds, "endowment": params.endowment, "multiplier": params.multiplier,
+                       "message_max_chars": params.message_max_chars, "fixed_send": params.fixed_send},
+    }
+    stage = p.status
+    if stage == P.Status.CONSENT:
+        state["consent"] = {"text": experiment.consent_text}
+    elif stage == P.Status.INSTRUCTIONS:
+        state["instructions"] = {"text": experiment.instructions_text.replace("{endowment}", str(params.endowment))
+                                 .replace("{multiplier}", str(params.multiplier))}
+    elif stage == P.Status.QUIZ:
+        state["quiz"] = {"attempts": p.quiz_attempts,
+                         "questions": [{"id": str(i), "question": q["question"], "options": q["options"]}
+                                       for i, q in enumerate(experiment.quiz)]}
+    elif stage == P.Status.LOBBY:
+        state["lobby"] = _lobby(p)
+    elif stage == P.Status.PLAYING:
+        state["game"] = _game(p, p.group, params)
+    elif stage == P.Status.QUESTIONNAIRE:
+        state["questionnaire"] = {"questions": QUESTIONS}
+    else:
+        state["end"] = _end(p)
+    return state
+
+
+def _lobby(p: Participant) -> dict[str, Any]:
+    experiment = p.session.experiment
+    waiting = p.session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON).count()
+    needed = experiment.n_humans
+    ahead = waiting % needed or needed
+    lobby = {"waiting": waiting, "group_size": needed, "missing": max(0, needed - ahead),
+             "timeout_at": (p.lobby_at + timezone.timedelta(seconds=experiment.lobby_timeout_seconds)).isoformat()
+             if p.lobby_at else None, "fill_at": None}
+    if p.session.synthetic_fill_after is not None and p.lobby_at:
+        first = (p.session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
+                 .order_by("lobby_at").values_list("lobby_at", flat=True).first()) or p.lobby_at
+        lobby["fill_at"] = (first + timezone.timedelta(seconds=p.session.synthetic_fill_after)).isoformat()
+    return lobby
+
+
+def _end(p: Participant) -> dict[str, Any]:
+    experiment = p.session.experiment
+    code = {P.Status.FINISHED: experiment.completion_code, P.Status.LOBBY_TIMEOUT: experiment.lobby_timeout_code,
+            P.Status.DROPPED: experiment.dropout_code}.get(p.status, "")
+    return {"reason": p.status, "payoff": p.payoff, "bonus": str(services.bonus_of(p)), "currency": experiment.currency,
+            "participation_fee": str(experiment.participation_fee), "completion_code": code,
+            "redirect_url": experiment.completion_redirect_url if code else ""}
+
+
+def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
+    r, phase = group.round_number, Phase(group.phase)
+    seats = list(group.participants.all())
+    by_id = {s.pk: s for s in seats}
+    candidates = sorted((s for s in seats if s.role == P.Role.CANDIDATE), key=lambda s: s.seat)
+    policy = group.condition.label_policy()
+    g: dict[str, Any] = {
+        "round": r, "rounds": params.n_rounds, "phase": str(phase),
+        "deadline": group.phase_deadline.isoformat() if group.phase_deadline else None,
+        "phase_started": group.phase_started_at.isoformat() if group.phase_started_at else None,
+        "progress": services.progress(group, params),
+        "payoff_total": p.payoff,
+        "todo": False,
+    }
+    messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r)}
+    show_messages = phase != Phase.PITCH
+
+    def card(c: Participant) -> dict[str, Any]:
+        m = messages.get(c.pk)
+        return {"seat": c.seat, "name": c.public_name, "colour": game.colour_of(c.seat),
+                "label": game.identity_label(policy, r, c.kind == P.Kind.BOT),
+                "message": (m.text if m else "") if show_messages else None}
+
+    if p.role == P.Role.SELECTOR:
+        mine = {c.round_number: c for c in Choice.objects.filter(selector=p).select_related("candidate", "return_decision")}
+        history: dict[str, dict[str, Any]] = defaultdict(lambda: {"rounds": [], "sent": 0, "returned": 0})
+        for rn, c in sorted(mine.items()):
+            if c.candidate_id and (rn < r or phase in (Phase.FEEDBACK, Phase.BELIEF)):
+                h = history[c.candidate.seat]
+                h["rounds"].append(rn)
+                h["sent"] += c.sent
+                h["returned"] += c.return_decision.returned if hasattr(c, "return_decision") else 0
+        order = game.candidate_order(group.seed, p.seat, r, [c.seat for c in candidates])
+        by_seat = {c.seat: c for c in candidates}
+        g["candidates"] = [{**card(by_seat[s]), "position": i + 1,
+                            "history": history.get(s, {"rounds": [], "sent": 0, "returned": 0})}
+                           for i, s in enumerate(order)]
+        choice = mine.get(r)
+        g["my_choice"] = ({"candidate": choice.candidate.seat if choice.candidate else None, "sent": choice.sent,
+                           "timed_out": choice.timed_out} if choice else None)
+        if phase == Phase.CHOICE:
+            g["todo"] = choice is None
+        if phase in (Phase.FEEDBACK, Phase.BELIEF) and choice is not None:
+            returned = choice.return_decision.returned if choice.candidate_id else 0
+            g["feedback"] = {"candidate": choice.candidate.seat if choice.candidate else None, "sent": choice.sent,
+                             "multiplied": choice.multiplied, "returned": returned,
+                             "payoff": game.selector_payoff(choice.sent, returned, params)}
+        if phase == Phase.BELIEF:
+            given = {b.candidate_id: b for b in Belief.objects.filter(selector=p, round_number=r)}
+            g["beliefs"] = {by_id[cid].seat: {"guess": b.guess, "confidence": b.confidence} for cid, b in given.items()}
+            g["todo"] = len(given) < len(candidates)
+    else:
+        g["candidates"] = [card(c) for c in candidates]
+        mine_msg = messages.get(p.pk)
+        g["my_message"] = {"text": mine_msg.text, "timed_out": mine_msg.timed_out} if mine_msg else None
+        if phase == Phase.PITCH:
+            g["todo"] = mine_msg is None
+        if phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):
+            chosen_by = (Choice.objects.filter(group=group, round_number=r, candidate=p)
+                         .select_related("selector").order_by("selector__seat"))
+            returns = {x.choice_id: x for x in Return.objects.filter(choice__in=chosen_by)}
+            g["to_return"] = [{"selector": c.selector.seat, "name": c.selector.public_name, "sent": c.sent,
+                               "multiplied": c.multiplied,
+                               "returned": returns[c.pk].returned if c.pk in returns else None}
+                              for c in chosen_by]
+            if phase == Phase.RETURN:
+                g["todo"] = any(t["returned"] is None for t in g["to_return"])
+            else:
+                g["feedback"] = {"earned": sum(t["multiplied"] - (t["returned"] or 0) for t in g["to_return"])
+                                 if g["to_return"] else params.unchosen_base}
+    if phase in (Phase.FEEDBACK, Phase.BELIEF):
+        points = RoundPayoff.objects.filter(participant=p, round_number=r).values_list("points", flat=True).first()
+        g.setdefault("feedback", {})["round_payoff"] = points
+        if group.session.experiment.show_public_tally:
+            tally = dict.fromkeys((c.seat for c in candidates), 0)
+            for seat in Choice.objects.filter(group=group, round_number=r, candidate__isnull=False).values_list(
+                    "candidate__seat", flat=True):
+                tally[seat] += 1
+            g["tally"] = tally
+    return g

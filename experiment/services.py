@@ -1,0 +1,594 @@
+"""Services own every write: validate first, then act under a lock, log an Event, broadcast after commit.
+
+Lock order, everywhere: Session (pre-game stages and grouping) → Group (every game action) → rows.
+Humans (through the consumer), automated seats and staff all come through these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.db.models import Count, Max
+from django.utils import timezone
+
+from experiment import events, game
+from experiment.game import Phase, RuleError
+from experiment.models import (
+    Belief,
+    Choice,
+    Event,
+    Group,
+    Message,
+    Participant,
+    QuestionnaireResponse,
+    Return,
+    RoundPayoff,
+    Session,
+)
+from experiment.scheduling import schedule
+
+logger = logging.getLogger(__name__)
+
+P = Participant
+MAX_RECRUITMENT_ID = 64
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+def _log(*, session_id: int, type: str, group: Group | None = None, participant: Participant | None = None,
+         payload: dict[str, Any] | None = None, actor_id: int | None = None) -> Event:
+    return Event.objects.create(
+        session_id=session_id, group=group, participant=participant, type=type, actor_id=actor_id,
+        round_number=group.round_number if group else None, phase=group.phase if group else "",
+        payload=payload or {},
+    )
+
+
+def _bump(group: Group) -> None:
+    group.version += 1
+    Group.objects.filter(pk=group.pk).update(version=group.version)
+
+
+def _lock_session(session_id: int) -> Session:
+    return Session.objects.select_for_update().select_related("experiment").get(pk=session_id)
+
+
+def _lock_group(group_id: int) -> Group:
+    return (Group.objects.select_for_update(of=("self",))
+            .select_related("session__experiment", "condition").get(pk=group_id))
+
+
+def _lock_participant(participant_id: int) -> Participant:
+    try:
+        session_id = Participant.objects.values_list("session_id", flat=True).get(pk=participant_id)
+    except Participant.DoesNotExist:
+        raise RuleError("unknown_participant", "No such participant.") from None
+    _lock_session(session_id)
+    return Participant.objects.select_related("session__experiment").get(pk=participant_id)
+
+
+def _require_stage(p: Participant, stage: str) -> None:
+    if p.status != stage:
+        raise RuleError("wrong_stage", f"This step is not open now (you are at: {p.get_status_display().lower()}).")
+
+
+# ---- joining and the pre-game stages ---------------------------------------------------------------
+
+def _clean_recruitment_id(value: str | None, name: str) -> str:
+    value = (value or "").strip()
+    if len(value) > MAX_RECRUITMENT_ID or not all(ch.isalnum() or ch in "-_." for ch in value):
+        raise RuleError("invalid_recruitment_id", f"{name} must be at most {MAX_RECRUITMENT_ID} letters, digits, '-', '_' or '.'.")
+    return value
+
+
+@transaction.atomic
+def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str = "",
+                     recruitment_session_id: str = "") -> Participant:
+    """A person opens the join link. The same PROLIFIC_PID in the same session gets the same seat back."""
+    pid = _clean_recruitment_id(prolific_pid, "PROLIFIC_PID")
+    sid = _clean_recruitment_id(study_id, "STUDY_ID")
+    rsid = _clean_recruitment_id(recruitment_session_id, "SESSION_ID")
+    session = _lock_session(session_id)
+    if pid:
+        existing = session.participants.filter(prolific_pid=pid).first()
+        if existing is not None:
+            return existing
+    if session.status != Session.Status.OPEN:
+        raise RuleError("session_closed", "This study is not accepting participants at the moment.")
+    people = session.participants.filter(controller=P.Controller.PERSON).count()
+    if people >= session.capacity:
+        raise RuleError("session_full", "This study is full. Thank you for your interest.")
+    p = Participant.objects.create(session=session, prolific_pid=pid, study_id=sid, recruitment_session_id=rsid)
+    _log(session_id=session.pk, type="participant.joined", participant=p,
+         payload={"has_recruitment_id": bool(pid)})
+    return p
+
+
+@transaction.atomic
+def consent_submit(*, participant_id: int, accept: bool) -> None:
+    p = _lock_participant(participant_id)
+    _require_stage(p, P.Status.CONSENT)
+    if not isinstance(accept, bool):
+        raise RuleError("invalid_message", '"accept" must be true or false.')
+    p.status = P.Status.INSTRUCTIONS if accept else P.Status.DECLINED
+    if not accept:
+        p.finished_at = timezone.now()
+    p.save(update_fields=["status", "finished_at"])
+    _log(session_id=p.session_id, type="consent.given" if accept else "consent.declined", participant=p)
+    events.refresh_on_commit(events.seat_channel(p.pk))
+
+
+@transaction.atomic
+def instructions_done(*, participant_id: int) -> None:
+    p = _lock_participant(participant_id)
+    _require_stage(p, P.Status.INSTRUCTIONS)
+    _log(session_id=p.session_id, type="instructions.read", participant=p)
+    if p.session.experiment.quiz:
+        p.status = P.Status.QUIZ
+        p.save(update_fields=["status"])
+        events.refresh_on_commit(events.seat_channel(p.pk))
+    else:
+        _lobby_enter(p)
+
+
+@transaction.atomic
+def quiz_submit(*, participant_id: int, answers: object) -> dict[str, Any]:
+    """Check the comprehension quiz. Wrong answers may be retried; the result lists the wrong ones."""
+    p = _lock_participant(participant_id)
+    _require_stage(p, P.Status.QUIZ)
+    if not isinstance(answers, dict):
+        raise RuleError("invalid_message", '"answers" must map question numbers to answers.')
+    quiz = p.session.experiment.quiz
+    wrong = [i for i, item in enumerate(quiz) if str(answers.get(str(i), "")) != item["answer"]]
+    p.quiz_attempts += 1
+    p.save(update_fields=["quiz_attempts"])
+    _log(session_id=p.session_id, type="quiz.submitted", participant=p,
+         payload={"attempt": p.quiz_attempts, "wrong": wrong, "answers": {k: str(v)[:200] for k, v in list(answers.items())[:50]}})
+    if wrong:
+        events.refresh_on_commit(events.seat_channel(p.pk))
+        return {"correct": False, "wrong": wrong}
+    _lobby_enter(p)
+    return {"correct": True, "wrong": []}
+
+
+def _lobby_enter(p: Participant) -> None:
+    """Call holding the session lock."""
+    p.status = P.Status.LOBBY
+    p.lobby_at = timezone.now()
+    p.save(update_fields=["status", "lobby_at"])
+    _log(session_id=p.session_id, type="lobby.entered", participant=p)
+    events.refresh_on_commit(events.seat_channel(p.pk))
+    lobby_match(p.session, now=p.lobby_at)
+
+
+def lobby_match(session: Session, *, now: datetime) -> list[Group]:
+    """Form every group the lobby allows, by arrival. Call holding the session lock."""
+    experiment = session.experiment
+    params = experiment.params()
+    waiting = list(session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
+                   .order_by("lobby_at", "id"))
+    formed = []
+    while len(waiting) >= params.n_humans:
+        formed.append(_group_form(session, waiting[: params.n_humans], params, now))
+        waiting = waiting[params.n_humans:]
+    fill_after = session.synthetic_fill_after
+    if waiting and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after):
+        formed.append(_group_form(session, waiting, params, now))
+        waiting = []
+    events.refresh_on_commit(events.lobby_channel(session.pk))
+    return formed
+
+
+def _group_form(session: Session, people: list[Participant], params: game.Params, now: datetime) -> Group:
+    from bots.automation import bot_controller
+
+    conditions = list(session.experiment.conditions.all())
+    counts = dict.fromkeys((c.name for c in conditions), 0)
+    counts.update(session.groups.values("condition__name").annotate(n=Count("id")).values_list("condition__name", "n"))
+    number = (session.groups.aggregate(m=Max("number"))["m"] or 0) + 1
+    seed = game.rng(session.pk, session.code, "group", number).randrange(2**31)
+    condition = next(c for c in conditions if c.name == game.pick_condition(counts, seed, number))
+    group = Group.objects.create(session=session, condition=condition, number=number, seed=seed)
+    synthetic = params.n_humans - len(people)
+    humans = list(people) + [
+        Participant(session=session, kind=P.Kind.HUMAN, controller=P.Controller.SYNTHETIC) for _ in range(synthetic)
+    ]
+    seats = {}
+    for plan in game.plan_seats(params.n_humans, params, seed):
+        if plan.is_bot:
+            p = Participant(session=session, kind=P.Kind.BOT, controller=bot_controller(group))
+        else:
+            p = humans[plan.human_index]
+        p.group, p.role, p.seat, p.status = group, plan.role, plan.seat, P.Status.PLAYING
+        p.save()
+        seats[plan.seat] = {"participant": p.pk, "role": plan.role, "kind": p.kind, "controller": p.controller}
+    _log(session_id=session.pk, type="group.formed", group=group,
+         payload={"condition": condition.name, "seats": seats, "synthetic_humans": synthetic, "seed": seed})
+    for p in people:
+        events.refresh_on_commit(events.seat_channel(p.pk))
+    _phase_open(group, 1, Phase.PITCH, params, now)
+    _advance(group, params, now)
+    return group
+
+
+# ---- phases ------------------------------------------------------------------------------------------
+
+def _seats(group: Group, role: str) -> list[Participant]:
+    return list(group.participants.filter(role=role).order_by("seat"))
+
+
+def _pending(group: Group, params: game.Params) -> list[Participant]:
+    """Seats that still owe an action in the current phase (for the return phase: one per owed return)."""
+    r, phase = group.round_number, group.phase
+    if phase == Phase.PITCH:
+        done = Message.objects.filter(group=group, round_number=r).values_list("candidate_id", flat=True)
+        return [p for p in _seats(group, P.Role.CANDIDATE) if p.pk not in set(done)]
+    if phase == Phase.CHOICE:
+        done = Choice.objects.filter(group=group, round_number=r).values_list("selector_id", flat=True)
+        return [p for p in _seats(group, P.Role.SELECTOR) if p.pk not in set(done)]
+    if phase == Phase.RETURN:
+        owed = (Choice.objects.filter(group=group, round_number=r, candidate__isnull=False, return_decision__isnull=True)
+                .select_related("candidate"))
+        return [c.candidate for c in owed]
+    if phase == Phase.BELIEF:
+        n_candidates = group.participants.filter(role=P.Role.CANDIDATE).count()
+        counts = dict(Belief.objects.filter(group=group, round_number=r).values("selector_id")
+                      .annotate(n=Count("id")).values_list("selector_id", "n"))
+        return [p for p in _seats(group, P.Role.SELECTOR) if counts.get(p.pk, 0) < n_candidates]
+    return []
+
+
+def progress(group: Group, params: game.Params) -> dict[str, int]:
+    r, phase = group.round_number, group.phase
+    if phase == Phase.PITCH:
+        return {"done": Message.objects.filter(group=group, round_number=r).count(), "of": params.n_candidates}
+    if phase == Phase.CHOICE:
+        return {"done": Choice.objects.filter(group=group, round_number=r).count(), "of": params.n_selectors}
+    if phase == Phase.RETURN:
+        owed = Choice.objects.filter(group=group, round_number=r, candidate__isnull=False)
+        return {"done": owed.filter(return_decision__isnull=False).count(), "of": owed.count()}
+    if phase == Phase.BELIEF:
+        per = params.n_candidates
+        full = (Belief.objects.filter(group=group, round_number=r).values("selector_id").annotate(n=Count("id"))
+                .filter(n__gte=per).count())
+        return {"done": full, "of": params.n_selectors}
+    return {"done": 0, "of": 0}
+
+
+def _phase_open(group: Group, round_number: int, phase: Phase, params: game.Params, now: datetime) -> None:
+    from bots.automation import schedule_seats
+
+    group.round_number, group.phase = round_number, phase
+    group.phase_started_at = now
+    group.phase_deadline = now + timedelta(seconds=params.durations[phase])
+    group.version += 1
+    group.save(update_fields=["round_number", "phase", "phase_started_at", "phase_deadline", "version"])
+    _log(session_id=group.session_id, type="phase.started", group=group,
+         payload={"deadline": group.phase_deadline.isoformat()})
+    # A dropped seat whose policy is "defaults continue" acts at once: nobody waits for someone gone.
+    gone = [p for p in _pending(group, params) if p.status == P.Status.DROPPED and p.controller == P.Controller.PERSON]
+    if gone:
+        _apply_defaults(group, params, gone, count_timeouts=False)
+    schedule("phase_close", at=group.phase_deadline, group_id=group.pk, round_number=round_number, phase=str(phase))
+    schedule_seats(group=group, params=params, pending=_pending(group, params), now=now)
+    events.refresh_on_commit(events.group_channel(group.pk))
+
+
+def _advance(group: Group, params: game.Params, now: datetime) -> None:
+    """Close phases whose every action is in (several in a row if needed). Call holding the group lock."""
+    while group.status == Group.Status.PLAYING and game.actors(Phase(group.phase)) and not _pending(group, params):
+        _phase_finish(group, params, now)
+
+
+def _phase_finish(group: Group, params: game.Params, now: datetime) -> None:
+    """Apply defaults for what is missing, settle the round if due, open the next phase or end the game."""
+    missing = _pending(group, params)
+    if missing:
+        _apply_defaults(group, params, missing, count_timeouts=True)
+    _log(session_id=group.session_id, type="phase.closed", group=group,
+         payload={"timed_out_seats": sorted({p.seat for p in missing})})
+    if group.phase == Phase.RETURN:
+        _settle_round(group, params)
+    following = game.next_phase(group.round_number, Phase(group.phase), params)
+    if following is None:
+        _group_finish(group, now)
+    else:
+        _phase_open(group, following[0], following[1], params, now)
+
+
+def _apply_defaults(group: Group, params: game.Params, seats: Iterable[Participant], *, count_timeouts: bool) -> None:
+    r, phase = group.round_number, group.phase
+    seats = list(seats)
+    if phase == Phase.PITCH:
+        Message.objects.bulk_create([Message(group=group, round_number=r, candidate=p, timed_out=True) for p in seats])
+    elif phase == Phase.CHOICE:
+        candidates = {p.seat: p for p in _seats(group, P.Role.CANDIDATE)}
+        for p in seats:
+            seat = game.default_choice(group.seed, p.seat, r, list(candidates), params)
+            _choice_create(group, params, p, candidates.get(seat) if seat else None, 0, timed_out=True)
+    elif phase == Phase.RETURN:
+        owed = Choice.objects.filter(group=group, round_number=r, candidate__in=seats, return_decision__isnull=True)
+        Return.objects.bulk_create([Return(choice=c, candidate_id=c.candidate_id, available=c.multiplied, returned=0,
+                                           timed_out=True) for c in owed])
+    elif phase == Phase.BELIEF:
+        candidates = _seats(group, P.Role.CANDIDATE)
+        for p in seats:
+            have = set(Belief.objects.filter(selector=p, round_number=r).values_list("candidate_id", flat=True))
+            Belief.objects.bulk_create([Belief(group=group, round_number=r, selector=p, candidate=c, timed_out=True)
+                                        for c in candidates if c.pk not in have])
+    for p in {p.pk: p for p in seats}.values():
+        _log(session_id=group.session_id, type="default.applied", group=group, participant=p,
+             payload={"counted": count_timeouts})
+        if count_timeouts:
+            _timeout_count(group, params, p)
+
+
+def _timeout_count(group: Group, params: game.Params, p: Participant) -> None:
+    p.consecutive_timeouts += 1
+    fields = ["consecutive_timeouts"]
+    if p.controller == P.Controller.PERSON and p.status == P.Status.PLAYING and game.is_dropped(p.consecutive_timeouts, params):
+        p.status = P.Status.DROPPED
+        p.finished_at = timezone.now()
+        fields += ["status", "finished_at"]
+        _log(session_id=group.session_id, type="participant.dropped", group=group, participant=p,
+             payload={"consecutive_timeouts": p.consecutive_timeouts})
+        if params.bot_takes_over:
+            from bots.automation import bot_controller
+
+            p.controller = bot_controller(group)
+            fields.append("controller")
+            _log(session_id=group.session_id, type="seat.takeover", group=group, participant=p,
+                 payload={"controller": p.controller})
+        events.refresh_on_commit(events.seat_channel(p.pk))
+    p.save(update_fields=fields)
+
+
+def _settle_round(group: Group, params: game.Params) -> None:
+    r = group.round_number
+    choices = list(Choice.objects.filter(group=group, round_number=r).select_related("selector", "candidate", "return_decision"))
+    transfers = [
+        game.Transfer(selector=c.selector.seat, candidate=c.candidate.seat if c.candidate else None, sent=c.sent,
+                      returned=c.return_decision.returned if c.candidate else 0)
+        for c in choices
+    ]
+    seats = {p.seat: p for p in group.participants.all()}
+    selectors = [s for s, p in seats.items() if p.role == P.Role.SELECTOR]
+    candidates = [s for s, p in seats.items() if p.role == P.Role.CANDIDATE]
+    payoffs = game.round_payoffs(transfers, selectors, candidates, params)
+    RoundPayoff.objects.bulk_create([RoundPayoff(participant=seats[s], round_number=r, points=v) for s, v in payoffs.items()])
+    for seat, points in payoffs.items():
+        p = seats[seat]
+        p.payoff += points
+        p.save(update_fields=["payoff"])
+    _log(session_id=group.session_id, type="round.settled", group=group, payload={"payoffs": payoffs})
+
+
+def _group_finish(group: Group, now: datetime) -> None:
+    group.status = Group.Status.FINISHED
+    group.finished_at = now
+    group.phase_deadline = None
+    group.version += 1
+    group.save(update_fields=["status", "finished_at", "phase_deadline", "version"])
+    group.participants.filter(status=P.Status.PLAYING, controller=P.Controller.PERSON).update(status=P.Status.QUESTIONNAIRE)
+    group.participants.filter(status=P.Status.PLAYING).exclude(controller=P.Controller.PERSON).update(
+        status=P.Status.FINISHED, finished_at=now)
+    _log(session_id=group.session_id, type="group.finished", group=group)
+    events.refresh_on_commit(events.group_channel(group.pk))
+
+
+def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, actor_id: int | None = None) -> bool:
+    """Close a phase at its deadline (or at once, for ``reason="staff"``). False when it was already closed."""
+    with transaction.atomic():
+        group = _lock_group(group_id)
+        now = timezone.now()
+        if group.status != Group.Status.PLAYING or (group.round_number, group.phase) != (round_number, phase):
+            return False
+        if reason == "deadline" and (group.phase_deadline is None or group.phase_deadline > now):
+            return False
+        params = group.session.experiment.params()
+        if reason != "deadline":
+            _log(session_id=group.session_id, type="phase.closed_by_staff", group=group, actor_id=actor_id)
+        _phase_finish(group, params, now)
+        _advance(group, params, now)
+        return True
+
+
+def sweep(now: datetime | None = None) -> int:
+    """Close every overdue phase and run the lobbies' clocks. Safe to run anywhere, any number of times."""
+    now = now or timezone.now()
+    closed = 0
+    due = Group.objects.filter(status=Group.Status.PLAYING, phase_deadline__lte=now).values_list("pk", "round_number", "phase")
+    for group_id, round_number, phase in due:
+        try:
+            closed += phase_close(group_id=group_id, round_number=round_number, phase=phase, reason="deadline")
+        except Exception:
+            logger.exception("closing phase of group %s failed", group_id)
+    lobbies = set(Participant.objects.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
+                  .values_list("session_id", flat=True).distinct())
+    for session_id in lobbies:
+        lobby_sweep(session_id=session_id, now=now)
+    return closed
+
+
+@transaction.atomic
+def lobby_sweep(*, session_id: int, now: datetime) -> None:
+    session = _lock_session(session_id)
+    limit = now - timedelta(seconds=session.experiment.lobby_timeout_seconds)
+    expired = list(session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON, lobby_at__lte=limit))
+    for p in expired:
+        p.status, p.finished_at = P.Status.LOBBY_TIMEOUT, now
+        p.save(update_fields=["status", "finished_at"])
+        _log(session_id=session_id, type="lobby.timeout", participant=p)
+        events.refresh_on_commit(events.seat_channel(p.pk))
+    lobby_match(session, now=now)
+
+
+# ---- game actions --------------------------------------------------------------------------------------
+
+def _acting(participant_id: int, *, role: str, phase: Phase, round_number: object,
+            automated: bool = False) -> tuple[Group, Participant, game.Params]:
+    """Lock the participant's group and check that they may act now. ``automated``: a bot/synthetic call."""
+    try:
+        group_id = Participant.objects.values_list("group_id", flat=True).get(pk=participant_id)
+    except Participant.DoesNotExist:
+        raise RuleError("unknown_participant", "No such participant.") from None
+    if group_id is None:
+        raise RuleError("not_in_group", "You are not in a game yet.")
+    group = _lock_group(group_id)
+    p = Participant.objects.get(pk=participant_id)
+    if group.status != Group.Status.PLAYING:
+        raise RuleError("game_over", "The game has ended.")
+    if p.is_automated != automated:
+        raise RuleError("seat_taken_over", "This seat is now played automatically.")
+    if p.status == P.Status.DROPPED and not automated:
+        raise RuleError("dropped", "You were removed from the game after missing several decisions.")
+    if p.role != role:
+        raise RuleError("wrong_role", f"Only {role}s can do this.")
+    if not isinstance(round_number, int) or isinstance(round_number, bool):
+        raise RuleError("invalid_message", '"round" must be a whole number.')
+    if (group.round_number, group.phase) != (round_number, phase):
+        raise RuleError("wrong_phase", f"This is not possible now: the group is in the {group.phase} phase of round "
+                                       f"{group.round_number}.")
+    if group.phase_deadline is not None and timezone.now() > group.phase_deadline:
+        raise RuleError("phase_closed", "Time is up for this phase.")
+    return group, p, group.session.experiment.params()
+
+
+def _acted(group: Group, params: game.Params, p: Participant, type: str, payload: dict[str, Any]) -> None:
+    """Bookkeeping shared by every accepted action. Call holding the group lock."""
+    if p.consecutive_timeouts:
+        p.consecutive_timeouts = 0
+        p.save(update_fields=["consecutive_timeouts"])
+    _log(session_id=group.session_id, type=type, group=group, participant=p, payload=payload)
+    _bump(group)
+    events.refresh_on_commit(events.seat_channel(p.pk))
+    round_number, phase = group.round_number, group.phase
+    now = timezone.now()
+    _advance(group, params, now)
+    if (group.round_number, group.phase) == (round_number, phase):
+        events.forward_on_commit(events.group_channel(group.pk), {
+            "type": "progress", "version": group.version, "round": round_number, "phase": phase,
+            **progress(group, params)})
+
+
+def _seconds_since_phase_start(group: Group) -> float | None:
+    return (timezone.now() - group.phase_started_at).total_seconds() if group.phase_started_at else None
+
+
+def _unique(fn):
+    """Turn a unique-constraint violation (a double submit that raced past the check) into a clear error."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except IntegrityError:
+            raise RuleError("already_submitted", "You have already submitted this decision.") from None
+    return wrapper
+
+
+@_unique
+@transaction.atomic
+def pitch_submit(*, participant_id: int, round_number: int, text: object, automated: bool = False) -> None:
+    group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.PITCH,
+                               round_number=round_number, automated=automated)
+    clean = game.check_message(text, params)
+    if Message.objects.filter(candidate=p, round_number=round_number).exists():
+        raise RuleError("already_submitted", "You have already sent your message this round.")
+    Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean)
+    _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)})
+
+
+def _choice_create(group: Group, params: game.Params, selector: Participant, candidate: Participant | None,
+                   sent: int, *, timed_out: bool) -> Choice:
+    candidates = list(group.participants.filter(role=P.Role.CANDIDATE).values_list("seat", flat=True))
+    order = game.candidate_order(group.seed, selector.seat, group.round_number, candidates)
+    label = ""
+    if candidate is not None:
+        label = game.identity_label(group.condition.label_policy(), group.round_number, candidate.kind == P.Kind.BOT)
+    return Choice.objects.create(
+        group=group, round_number=group.round_number, selector=selector, candidate=candidate,
+        position=order.index(candidate.seat) + 1 if candidate else None, order=order, label_shown=label,
+        sent=sent, multiplied=game.multiplied(sent, params), timed_out=timed_out,
+        decision_seconds=None if timed_out else _seconds_since_phase_start(group),
+    )
+
+
+@_unique
+@transaction.atomic
+def choice_submit(*, participant_id: int, round_number: int, candidate: object, amount: object,
+                  automated: bool = False) -> None:
+    group, p, params = _acting(participant_id, role=P.Role.SELECTOR, phase=Phase.CHOICE,
+                               round_number=round_number, automated=automated)
+    if not isinstance(candidate, str):
+        raise RuleError("unknown_candidate", "Choose one of the candidates shown.")
+    chosen = group.participants.filter(role=P.Role.CANDIDATE, seat=candidate).first()
+    if chosen is None:
+        raise RuleError("unknown_candidate", "Choose one of the candidates shown.")
+    sent = game.check_sent(amount, params)
+    if Choice.objects.filter(selector=p, round_number=round_number).exists():
+        raise RuleError("already_submitted", "You have already made your choice this round.")
+    choice = _choice_create(group, params, p, chosen, sent, timed_out=False)
+    _acted(group, params, p, "choice.submitted", {"candidate": chosen.seat, "sent": sent, "position": choice.position})
+
+
+@_unique
+@transaction.atomic
+def return_submit(*, participant_id: int, round_number: int, selector: object, amount: object,
+                  automated: bool = False) -> None:
+    group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.RETURN,
+                               round_number=round_number, automated=automated)
+    choice = (Choice.objects.filter(group=group, round_number=round_number, candidate=p, selector__seat=selector)
+              .first() if isinstance(selector, str) else None)
+    if choice is None:
+        raise RuleError("unknown_selector", "That selector did not choose you this round.")
+    returned = game.check_returned(amount, choice.multiplied)
+    if Return.objects.filter(choice=choice).exists():
+        raise RuleError("already_submitted", "You have already decided this return.")
+    Return.objects.create(choice=choice, candidate=p, available=choice.multiplied, returned=returned,
+                          decision_seconds=_seconds_since_phase_start(group))
+    _acted(group, params, p, "return.submitted", {"selector": selector, "returned": returned, "available": choice.multiplied})
+
+
+@_unique
+@transaction.atomic
+def belief_submit(*, participant_id: int, round_number: int, beliefs: object, automated: bool = False) -> None:
+    group, p, params = _acting(participant_id, role=P.Role.SELECTOR, phase=Phase.BELIEF,
+                               round_number=round_number, automated=automated)
+    candidates = {c.seat: c for c in group.participants.filter(role=P.Role.CANDIDATE)}
+    if not isinstance(beliefs, dict) or set(beliefs) != set(candidates):
+        raise RuleError("incomplete_beliefs", f"Give a guess for every candidate: {', '.join(sorted(candidates))}.")
+    rows = []
+    for seat, entry in beliefs.items():
+        if not isinstance(entry, dict) or entry.get("guess") not in ("human", "bot"):
+            raise RuleError("invalid_belief", f'For candidate {seat}, guess "human" or "bot".')
+        rows.append(Belief(group=group, round_number=round_number, selector=p, candidate=candidates[seat],
+                           guess=entry["guess"], confidence=game.check_confidence(entry.get("confidence"))))
+    if Belief.objects.filter(selector=p, round_number=round_number).exists():
+        raise RuleError("already_submitted", "You have already given your guesses this round.")
+    Belief.objects.bulk_create(rows)
+    _acted(group, params, p, "belief.submitted", {"beliefs": {b.candidate.seat: [b.guess, b.confidence] for b in rows}})
+
+
+# ---- after the game ------------------------------------------------------------------------------------
+
+@_unique
+@transaction.atomic
+def questionnaire_submit(*, participant_id: int, answers: object) -> None:
+    from experiment.questionnaire import clean_answers
+
+    p = _lock_participant(participant_id)
+    _require_stage(p, P.Status.QUESTIONNAIRE)
+    clean = clean_answers(answers)
+    QuestionnaireResponse.objects.create(participant=p, answers=clean)
+    p.status, p.finished_at = P.Status.FINISHED, timezone.now()
+    p.save(update_fields=["status", "finished_at"])
+    _log(session_id=p.session_id, type="questionnaire.submitted", participant=p)
+    events.refresh_on_commit(events.seat_channel(p.pk))
+
+
+def bonus_of(p: Participant) -> Decimal:
+    return (Decimal(p.payoff) * p.session.experiment.bonus_per_point).quantize(Decimal("0.01"))

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+from django.conf import settings
+
+from experiment.scheduling import runner
+
+
+@pytest.fixture(autouse=True)
+def _empty_runner():
+    runner.clear()
+    yield
+    runner.clear()
+
+
+@pytest.fixture
+async def scheduler():
+    """The in-process scheduler (embedded default) running in the test's event loop."""
+    task = asyncio.create_task(runner.run(sweep_every=0.2))
+    await asyncio.sleep(0)
+    yield runner
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.fixture
+def production_services():
+    """Fails (never skips) in CI when PostgreSQL/Redis are missing; test settings already enforce it."""
+    if not settings.PRODUCTION_SERVICES:
+        pytest.skip("PostgreSQL/Redis not reachable on this machine (CI requires them)")
