@@ -6,7 +6,8 @@ import os
 
 from celery import Celery
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
+# Deployments set DJANGO_SETTINGS_MODULE explicitly (docs/deployment.md); the default is the embedded one.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
 app = Celery("partnerlab")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -1,0 +1,43 @@
+"""Create (once) an admin account and a demo experiment with a demo session; print how to reach them."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from experiment.models import Condition, Experiment, Session
+
+
+class Command(BaseCommand):
+    help = "Create the admin account and the demo experiment/session if they do not exist, and print their URLs."
+
+    def add_arguments(self, parser):  # noqa: ANN001
+        parser.add_argument("--base-url", default="http://127.0.0.1:8000")
+
+    def handle(self, *args, base_url: str, **options) -> None:  # noqa: ANN002, ANN003
+        credentials = Path(settings.BASE_DIR) / "var" / "admin-credentials.txt"
+        User = get_user_model()
+        if not User.objects.filter(username="admin").exists():
+            password = secrets.token_urlsafe(12)
+            User.objects.create_superuser("admin", "admin@example.org", password)
+            credentials.parent.mkdir(exist_ok=True)
+            credentials.write_text(password)
+        password = credentials.read_text().strip() if credentials.exists() else "(set earlier; see manage.py changepassword admin)"
+        experiment, created = Experiment.objects.get_or_create(
+            slug="demo",
+            defaults={"name": "Demo: partner choice with hidden vs disclosed bots", "n_rounds": 3},
+        )
+        if created:
+            Condition.objects.create(experiment=experiment, name="hidden", disclose_identity=False)
+            Condition.objects.create(experiment=experiment, name="disclosed", disclose_identity=True)
+        session = experiment.sessions.filter(label="demo").first() or Session.objects.create(
+            experiment=experiment, label="demo", capacity=1000, synthetic_fill_after=10)
+        self.stdout.write(self.style.SUCCESS("PartnerLab is ready on the embedded default (SQLite, no other servers)."))
+        self.stdout.write(f"  Admin:            {base_url}/admin/   user: admin   password: {password}")
+        self.stdout.write(f"  Participant link: {base_url}/join/{session.code}/")
+        self.stdout.write("  Open the participant link alone: after 10 s in the lobby synthetic participants fill the group.")
+        self.stdout.write("  Open it in two browsers within 10 s to play in the same group.")
