@@ -218,6 +218,7 @@ class Session(models.Model):
                   "human seats so the people waiting can play. Empty: never (real studies).",
     )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the session was created (UTC).")
+    ended_at = models.DateTimeField(null=True, blank=True, help_text="When staff ended the session (UTC).")
 
     class Meta:
         ordering = ["-created_at"]
@@ -244,6 +245,9 @@ class Group(models.Model):
     phase_started_at = models.DateTimeField(null=True, help_text="When the current phase opened (UTC).")
     phase_deadline = models.DateTimeField(null=True, db_index=True, help_text="When the current phase closes (UTC).")
     version = models.PositiveIntegerField(default=0, help_text="Increases with every state change of the group.")
+    paused_at = models.DateTimeField(null=True, blank=True, help_text="When staff paused the group (empty: running).")
+    paused_remaining = models.FloatField(null=True, blank=True,
+                                         help_text="Seconds that were left in the phase when the group was paused.")
     created_at = models.DateTimeField(auto_now_add=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -301,6 +305,8 @@ class Participant(models.Model):
     recruitment_session_id = models.CharField(max_length=64, blank=True, help_text="Recruitment SESSION_ID.")
     quiz_attempts = models.PositiveSmallIntegerField(default=0, help_text="Submissions of the comprehension quiz.")
     consecutive_timeouts = models.PositiveSmallIntegerField(default=0)
+    connections = models.PositiveSmallIntegerField(default=0, help_text="Open websocket connections of the seat now.")
+    last_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last connect, disconnect or message (UTC).")
     payoff = models.IntegerField(default=0, help_text="Points earned over all rounds.")
     joined_at = models.DateTimeField(auto_now_add=True, help_text="When the participant opened the join link (UTC).")
     lobby_at = models.DateTimeField(null=True, blank=True, help_text="When the participant entered the lobby (UTC).")
