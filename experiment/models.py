@@ -209,7 +209,9 @@ class Session(models.Model):
     label = models.CharField(max_length=200, blank=True, help_text="Free label for the experimenter.")
     code = models.CharField(max_length=32, unique=True, default=_join_code, help_text="Public code in the join link.")
     capacity = models.PositiveIntegerField(default=21, validators=[MinValueValidator(1)],
-                                           help_text="Most human participants admitted.")
+                                           help_text="Human participants the study needs.")
+    over_recruitment = models.PositiveIntegerField(
+        default=0, help_text="Extra people admitted beyond the capacity, to make up for no-shows and dropouts.")
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.OPEN,
                               help_text="Whether new participants may join.")
     synthetic_fill_after = models.PositiveIntegerField(

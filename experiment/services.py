@@ -101,7 +101,7 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
     if session.status != Session.Status.OPEN:
         raise RuleError("session_closed", "This study is not accepting participants at the moment.")
     people = session.participants.filter(controller=P.Controller.PERSON).count()
-    if people >= session.capacity:
+    if people >= session.capacity + session.over_recruitment:
         raise RuleError("session_full", "This study is full. Thank you for your interest.")
     p = Participant.objects.create(session=session, prolific_pid=pid, study_id=sid, recruitment_session_id=rsid)
     _log(session_id=session.pk, type="participant.joined", participant=p,
