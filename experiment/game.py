@@ -11,6 +11,8 @@ import hashlib
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
+from urllib.parse import parse_qs, urlsplit
 
 
 class Phase(enum.StrEnum):
@@ -78,25 +80,50 @@ def parse_belief_rounds(spec: str, n_rounds: int) -> frozenset[int]:
             raise RuleError("belief_rounds", f'Belief rounds must be "last" or round numbers separated by commas, not "{part}".')
         number = int(part)
         if not 1 <= number <= n_rounds:
-            raise RuleError("belief_rounds", f"Belief round {number} is outside rounds 1..{n_rounds}.")
+            raise RuleError("belief_rounds",
+                            f'Belief round {number} is outside rounds 1..{n_rounds}: use rounds from 1 to {n_rounds}, or "last".')
         rounds.add(number)
     return frozenset(rounds)
 
 
+@dataclass(frozen=True)
+class ConditionSpec:
+    """A treatment arm as the design check sees it (no ORM)."""
+
+    name: str
+    disclose_identity: bool = False
+    disclose_from_round: int = 1
+
+
+_CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def design_problems(*, n_selectors: int, n_bot_selectors: int, n_candidates: int, n_bot_candidates: int,
-                    belief_rounds: str, n_rounds: int, quiz: object) -> dict[str, str]:
-    """Field → message for every impossible combination of parameters (empty when the design is valid)."""
+                    belief_rounds: str, n_rounds: int, quiz: object,
+                    bonus_per_point: Decimal | int | None = None,
+                    completion_code: str | None = None, lobby_timeout_code: str | None = None,
+                    dropout_code: str | None = None, completion_redirect_url: str | None = None,
+                    conditions: Sequence[ConditionSpec] | None = None) -> dict[str, str]:
+    """Field → message for every impossible combination of parameters (empty when the design is valid).
+
+    Each message says what is wrong and what to change. Arguments left at None are not checked; the
+    conditions in particular are checked by whoever holds them (a model's ``clean`` cannot see conditions
+    that are being edited in the same form), under the key ``"conditions"``.
+    """
     problems: dict[str, str] = {}
     if n_bot_candidates > n_candidates:
-        problems["n_bot_candidates"] = f"There are {n_bot_candidates} bot candidates but only {n_candidates} candidate seats."
+        problems["n_bot_candidates"] = (f"There are {n_bot_candidates} bot candidates but only {n_candidates} candidate seats: "
+                                        f"lower the bot candidates to {n_candidates} or fewer, or add candidate seats.")
     if n_bot_selectors > n_selectors:
-        problems["n_bot_selectors"] = f"There are {n_bot_selectors} bot selectors but only {n_selectors} selector seats."
+        problems["n_bot_selectors"] = (f"There are {n_bot_selectors} bot selectors but only {n_selectors} selector seats: "
+                                       f"lower the bot selectors to {n_selectors} or fewer, or add selector seats.")
     if n_candidates > 26:
-        problems["n_candidates"] = "At most 26 candidates (pseudonyms A to Z)."
+        problems["n_candidates"] = "At most 26 candidates (pseudonyms A to Z): lower the number of candidates."
     if n_candidates < 2:
-        problems["n_candidates"] = "Partner choice needs at least 2 candidates."
-    if n_selectors + n_candidates - n_bot_selectors - n_bot_candidates < 1:
-        problems["n_bot_candidates"] = "Every seat is a bot: a group needs at least one human seat."
+        problems["n_candidates"] = "Partner choice needs at least 2 candidates: set the number of candidates to 2 or more."
+    if n_selectors + n_candidates - n_bot_selectors - n_bot_candidates < 1 and "n_bot_candidates" not in problems:
+        problems["n_bot_candidates"] = ("Every seat is a bot: a group needs at least one human seat. "
+                                        "Lower the bot candidates or the bot selectors.")
     try:
         parse_belief_rounds(belief_rounds, n_rounds)
     except RuleError as exc:
@@ -104,17 +131,78 @@ def design_problems(*, n_selectors: int, n_bot_selectors: int, n_candidates: int
     quiz_problem = _quiz_problem(quiz)
     if quiz_problem:
         problems["quiz"] = quiz_problem
+    if bonus_per_point is not None and bonus_per_point < 0:
+        problems["bonus_per_point"] = "The bonus per point cannot be negative: enter 0 for no bonus, or an amount such as 0.01."
+    problems.update(_code_problems(completion_code=completion_code, lobby_timeout_code=lobby_timeout_code,
+                                   dropout_code=dropout_code, completion_redirect_url=completion_redirect_url))
+    if conditions is not None:
+        condition_problem = " ".join(condition_problems(conditions=conditions, n_rounds=n_rounds))
+        if condition_problem:
+            problems["conditions"] = condition_problem
+    return problems
+
+
+def condition_problems(*, conditions: Sequence[ConditionSpec], n_rounds: int) -> list[str]:
+    """What is wrong with a set of treatment arms (empty when they can run)."""
+    if not conditions:
+        return ['Add at least one condition: every group is assigned to one, so an experiment without conditions '
+                'cannot run (for example "hidden" without identity labels and "disclosed" with them).']
+    problems: list[str] = []
+    seen: set[str] = set()
+    for condition in conditions:
+        key = condition.name.strip().lower()
+        if key in seen:
+            problems.append(f'Two conditions are named "{condition.name}": give each condition its own name.')
+        seen.add(key)
+        if condition.disclose_from_round > n_rounds:
+            problems.append(
+                f'Condition "{condition.name}" shows identity labels from round {condition.disclose_from_round}, but the '
+                f'experiment has {n_rounds} rounds: set "disclose from round" to {n_rounds} or less, or add rounds.')
+    return problems
+
+
+def _code_problems(*, completion_code: str | None, lobby_timeout_code: str | None, dropout_code: str | None,
+                   completion_redirect_url: str | None) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    codes = {"completion_code": ("completion code", completion_code),
+             "lobby_timeout_code": ("lobby timeout code", lobby_timeout_code),
+             "dropout_code": ("dropout code", dropout_code)}
+    for field_name, (label, code) in codes.items():
+        if code is not None and (not code or not set(code) <= _CODE_CHARS):
+            problems[field_name] = (f'The {label} "{code}" must be letters, digits, "-" or "_" only (participants paste it '
+                                    "into the recruitment site): remove spaces and other characters.")
+    # Participants who did not finish must not be able to claim a completion.
+    for field_name in ("lobby_timeout_code", "dropout_code"):
+        label, code = codes[field_name]
+        if code is not None and completion_code and code == completion_code and field_name not in problems:
+            problems[field_name] = (f'The {label} is the same as the completion code "{completion_code}": give it its own '
+                                    "code so that people who did not finish the game can be told apart.")
+    if completion_redirect_url and completion_code is not None:
+        carried = parse_qs(urlsplit(completion_redirect_url).query).get("cc")
+        if carried and carried[0] != completion_code:
+            problems["completion_redirect_url"] = (
+                f'The redirect URL hands the code "{carried[0]}" to the recruitment site, but the completion code is '
+                f'"{completion_code}": make them the same (a Prolific completion URL ends in ?cc=<completion code>).')
     return problems
 
 
 def _quiz_problem(quiz: object) -> str | None:
+    example = 'for example [{"question": "Who decides the return?", "options": ["The selector", "The candidate"], ' \
+              '"answer": "The candidate"}], or [] for no quiz'
     if not isinstance(quiz, list):
-        return "The quiz must be a list of questions."
+        return f"The quiz must be a list of questions, {example}."
     for number, item in enumerate(quiz, start=1):
         if not isinstance(item, dict) or not {"question", "options", "answer"} <= item.keys():
-            return f'Question {number} needs "question", "options" and "answer".'
-        if not isinstance(item["options"], list) or item["answer"] not in item["options"]:
-            return f"The answer of question {number} must be one of its options."
+            return f'Question {number} needs "question", "options" and "answer", {example}.'
+        if not isinstance(item["question"], str) or not item["question"].strip():
+            return f"Question {number} has no question text: write it as a string."
+        options = item["options"]
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
+            return f'The options of question {number} must be a list of at least 2 texts, e.g. ["4", "7", "12"].'
+        # Answers arrive from the browser as text, so a non-text answer could never be matched.
+        if not isinstance(item["answer"], str) or item["answer"] not in options:
+            return (f"The answer of question {number} must be one of its options, copied exactly as text "
+                    f"(one of: {', '.join(options)}).")
     return None
 
 

@@ -170,7 +170,11 @@ class Experiment(models.Model):
             n_selectors=self.n_selectors, n_bot_selectors=self.n_bot_selectors,
             n_candidates=self.n_candidates, n_bot_candidates=self.n_bot_candidates,
             belief_rounds=self.belief_rounds, n_rounds=self.n_rounds, quiz=self.quiz,
+            bonus_per_point=self.bonus_per_point, completion_code=self.completion_code,
+            lobby_timeout_code=self.lobby_timeout_code, dropout_code=self.dropout_code,
+            completion_redirect_url=self.completion_redirect_url,
         )
+        # Conditions are checked where they are edited (the admin inline, presets): unsaved ones are not visible here.
         if errors:
             raise ValidationError(errors)
 
