@@ -83,6 +83,9 @@ REST_FRAMEWORK = {
 PARTNERLAB_SCHEDULER = env_str("PARTNERLAB_SCHEDULER", "inprocess")
 # How often overdue phases are swept (seconds). Bounds how late a phase closes after a restart.
 PARTNERLAB_SWEEP_SECONDS = float(env_str("PARTNERLAB_SWEEP_SECONDS", "1.0"))
+# Where the embedded default keeps its local files (the generated admin password). A separate
+# directory per database keeps a second instance (or a test) from overwriting the first one's.
+PARTNERLAB_VAR_DIR = Path(env_str("PARTNERLAB_VAR_DIR", str(BASE_DIR / "var")))
 # Largest websocket frame the participant consumer accepts, in characters.
 PARTNERLAB_MAX_FRAME_CHARS = env_int("PARTNERLAB_MAX_FRAME_CHARS", 8192)
 

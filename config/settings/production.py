@@ -5,11 +5,14 @@ Everything secret or site-specific comes from the environment; there is no defau
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dj_database_url
 
 from config.env import env_bool, env_int, env_list, env_str
 
 from .base import *  # noqa: F403
+from .base import BASE_DIR
 
 DEBUG = False
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")  # raises ImproperlyConfigured when missing
@@ -43,6 +46,8 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS
 SECURE_HSTS_PRELOAD = env_bool("DJANGO_SECURE_HSTS_PRELOAD", True)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+# collectstatic writes here; whitenoise serves from here (so it must be readable by the web processes).
+STATIC_ROOT = Path(env_str("DJANGO_STATIC_ROOT", str(BASE_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},

@@ -15,16 +15,16 @@ from experiment.models import Condition, Experiment, Session
 class Command(BaseCommand):
     help = "Create the admin account and the demo experiment/session if they do not exist, and print their URLs."
 
-    def add_arguments(self, parser):  # noqa: ANN001
+    def add_arguments(self, parser):
         parser.add_argument("--base-url", default="http://127.0.0.1:8000")
 
-    def handle(self, *args, base_url: str, **options) -> None:  # noqa: ANN002, ANN003
-        credentials = Path(settings.BASE_DIR) / "var" / "admin-credentials.txt"
+    def handle(self, *args, base_url: str, **options) -> None:
+        credentials = Path(settings.PARTNERLAB_VAR_DIR) / "admin-credentials.txt"
         User = get_user_model()
         if not User.objects.filter(username="admin").exists():
             password = secrets.token_urlsafe(12)
             User.objects.create_superuser("admin", "admin@example.org", password)
-            credentials.parent.mkdir(exist_ok=True)
+            credentials.parent.mkdir(parents=True, exist_ok=True)
             credentials.write_text(password)
         password = credentials.read_text().strip() if credentials.exists() else "(set earlier; see manage.py changepassword admin)"
         experiment, created = Experiment.objects.get_or_create(
