@@ -1,10 +1,11 @@
 from django.contrib import admin
-from django.urls import path
+from django.urls import include, path
 
 from experiment import views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("cockpit/", include("experiment.cockpit_urls")),
     path("join/<str:code>/", views.join, name="join"),
     path("play/<str:token>/", views.play, name="play"),
     path("healthz", views.health, name="health"),

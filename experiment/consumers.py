@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -11,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from experiment import actions, events
+from experiment import actions, events, services
 from experiment.game import RuleError
 from experiment.models import Participant
 from experiment.selectors import seat_state
@@ -36,11 +37,14 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         self.participant_id, self.session_id = found
         self.joined: set[str] = set()
         await self.accept()
+        await database_sync_to_async(services.participant_presence)(participant_id=self.participant_id, connected=True)
         await self._send_state()
 
     async def disconnect(self, code: int) -> None:
         for name in getattr(self, "joined", set()):
             await self.channel_layer.group_discard(name, self.channel_name)
+        if hasattr(self, "joined"):
+            await database_sync_to_async(services.participant_presence)(participant_id=self.participant_id, connected=False)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:
@@ -97,3 +101,59 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
 
     async def _error(self, ref: str | None, code: str, message: str) -> None:
         await self.send(text_data=json.dumps({"type": "error", "ref": ref, "code": code, "message": message}))
+
+
+class MonitorConsumer(AsyncWebsocketConsumer):
+    """The experimenter's live view of one session. Staff only. Sends ``monitor.state`` on connect, then
+    ``monitor.group`` / ``monitor.session`` whenever something changes (coalesced over a short window)."""
+
+    COALESCE_SECONDS = 0.25
+
+    async def connect(self) -> None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated or not user.is_staff:
+            await self.close(code=4403)
+            return
+        self.session_id = int(self.scope["url_route"]["kwargs"]["session_id"])
+        from experiment.monitor import session_overview
+
+        try:
+            overview = await database_sync_to_async(session_overview)(self.session_id)
+        except Exception:  # unknown session
+            await self.close(code=4404)
+            return
+        self.dirty: set[int | None] = set()
+        self.flush_task: asyncio.Task[None] | None = None
+        await self.channel_layer.group_add(events.monitor_channel(self.session_id), self.channel_name)
+        await self.accept()
+        await self.send(text_data=json.dumps(overview))
+
+    async def disconnect(self, code: int) -> None:
+        if hasattr(self, "session_id"):
+            await self.channel_layer.group_discard(events.monitor_channel(self.session_id), self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        # Actions go through the cockpit's HTTP endpoints (CSRF-protected, recorded with the user).
+        await self.send(text_data=json.dumps({"type": "error", "ref": None, "code": "read_only",
+                                              "message": "The monitor socket only sends updates."}))
+
+    async def monitor_changed(self, message: dict[str, Any]) -> None:
+        self.dirty.add(message.get("group_id"))
+        if self.flush_task is None or self.flush_task.done():
+            self.flush_task = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.COALESCE_SECONDS)
+        dirty, self.dirty = self.dirty, set()
+        for update in await database_sync_to_async(_monitor_updates)(self.session_id, dirty):
+            await self.send(text_data=json.dumps(update))
+
+
+def _monitor_updates(session_id: int, dirty: set[int | None]) -> list[dict[str, Any]]:
+    from experiment.models import Session
+    from experiment.monitor import group_summary_by_id, lobby_queue, session_header
+
+    updates: list[dict[str, Any]] = [{"type": "monitor.group", "group": group_summary_by_id(g)} for g in dirty if g]
+    session = Session.objects.get(pk=session_id)
+    updates.append({"type": "monitor.session", "session": session_header(session), "lobby": lobby_queue(session)})
+    return updates

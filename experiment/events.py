@@ -207,3 +207,8 @@ def refresh_on_commit(channel_group: str) -> None:
 
 def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
     send_on_commit(channel_group, {"type": "seat.forward", "event": event})
+
+
+def monitor_on_commit(session_id: int, group_id: int | None) -> None:
+    """Tell the session's live monitors that a group (or, with None, the lobby/session) changed."""
+    send_on_commit(monitor_channel(session_id), {"type": "monitor.changed", "group_id": group_id})

@@ -42,6 +42,7 @@ MAX_RECRUITMENT_ID = 64
 
 def _log(*, session_id: int, type: str, group: Group | None = None, participant: Participant | None = None,
          payload: dict[str, Any] | None = None, actor_id: int | None = None) -> Event:
+    events.monitor_on_commit(session_id, group.pk if group else None)
     return Event.objects.create(
         session_id=session_id, group=group, participant=participant, type=type, actor_id=actor_id,
         round_number=group.round_number if group else None, phase=group.phase if group else "",
@@ -285,11 +286,11 @@ def _advance(group: Group, params: game.Params, now: datetime) -> None:
         _phase_finish(group, params, now)
 
 
-def _phase_finish(group: Group, params: game.Params, now: datetime) -> None:
+def _phase_finish(group: Group, params: game.Params, now: datetime, *, count_timeouts: bool = True) -> None:
     """Apply defaults for what is missing, settle the round if due, open the next phase or end the game."""
     missing = _pending(group, params)
     if missing:
-        _apply_defaults(group, params, missing, count_timeouts=True)
+        _apply_defaults(group, params, missing, count_timeouts=count_timeouts)
     _log(session_id=group.session_id, type="phase.closed", group=group,
          payload={"timed_out_seats": sorted({p.seat for p in missing})})
     if group.phase == Phase.RETURN:
@@ -443,6 +444,8 @@ def _acting(participant_id: int, *, role: str, phase: Phase, round_number: objec
     p = Participant.objects.get(pk=participant_id)
     if group.status != Group.Status.PLAYING:
         raise RuleError("game_over", "The game has ended.")
+    if group.paused_at is not None:
+        raise RuleError("paused", "The experimenter has paused the game. Please wait.")
     if p.is_automated != automated:
         raise RuleError("seat_taken_over", "This seat is now played automatically.")
     if p.status == P.Status.DROPPED and not automated:
@@ -592,3 +595,167 @@ def questionnaire_submit(*, participant_id: int, answers: object) -> None:
 
 def bonus_of(p: Participant) -> Decimal:
     return (Decimal(p.payoff) * p.session.experiment.bonus_per_point).quantize(Decimal("0.01"))
+
+
+# ---- staff actions on live sessions (the cockpit) ----------------------------------------------------------
+# Each is recorded in the event log with the staff user as actor.
+
+def _playing_group(group_id: int) -> Group:
+    group = _lock_group(group_id)
+    if group.status != Group.Status.PLAYING:
+        raise RuleError("game_over", "This group has already finished.")
+    return group
+
+
+@transaction.atomic
+def group_pause(*, group_id: int, actor_id: int | None) -> None:
+    """Stop the clock: the phase keeps what was left of its time; nobody can act until resumed."""
+    group = _playing_group(group_id)
+    if group.paused_at is not None:
+        raise RuleError("already_paused", "This group is already paused.")
+    now = timezone.now()
+    group.paused_remaining = max(0.0, (group.phase_deadline - now).total_seconds()) if group.phase_deadline else 0.0
+    group.paused_at, group.phase_deadline = now, None
+    group.version += 1
+    group.save(update_fields=["paused_at", "paused_remaining", "phase_deadline", "version"])
+    _log(session_id=group.session_id, type="group.paused", group=group, actor_id=actor_id,
+         payload={"remaining_seconds": group.paused_remaining})
+    events.refresh_on_commit(events.group_channel(group.pk))
+
+
+@transaction.atomic
+def group_resume(*, group_id: int, actor_id: int | None) -> None:
+    from bots.automation import schedule_seats
+
+    group = _playing_group(group_id)
+    if group.paused_at is None:
+        raise RuleError("not_paused", "This group is not paused.")
+    now = timezone.now()
+    # At least a few seconds, so that people can see the game is running again before the phase ends.
+    group.phase_deadline = now + timedelta(seconds=max(group.paused_remaining or 0.0, 5.0))
+    paused_for = (now - group.paused_at).total_seconds()
+    group.paused_at, group.paused_remaining = None, None
+    group.version += 1
+    group.save(update_fields=["paused_at", "paused_remaining", "phase_deadline", "version"])
+    _log(session_id=group.session_id, type="group.resumed", group=group, actor_id=actor_id,
+         payload={"paused_seconds": paused_for, "deadline": group.phase_deadline.isoformat()})
+    params = group.session.experiment.params()
+    schedule("phase_close", at=group.phase_deadline, group_id=group.pk, round_number=group.round_number, phase=group.phase)
+    schedule_seats(group=group, params=params, pending=_pending(group, params), now=now)
+    events.refresh_on_commit(events.group_channel(group.pk))
+
+
+def group_phase_close_now(*, group_id: int, actor_id: int | None) -> None:
+    """Close the current phase at once, applying the recorded defaults to whoever has not acted."""
+    with transaction.atomic():
+        group = _playing_group(group_id)
+        if group.paused_at is not None:
+            raise RuleError("paused", "Resume the group before closing its phase.")
+        round_number, phase = group.round_number, group.phase
+    phase_close(group_id=group_id, round_number=round_number, phase=phase, reason="staff", actor_id=actor_id)
+
+
+@transaction.atomic
+def participant_remove(*, participant_id: int, actor_id: int | None, replace_with_bot: bool) -> None:
+    """Take a person out of the study. In a game, their seat gets defaults or, if asked, a bot from now on."""
+    from bots.automation import bot_controller, schedule_seats
+
+    group_id = Participant.objects.filter(pk=participant_id).values_list("group_id", flat=True).first()
+    if group_id is not None:
+        group = _lock_group(group_id)
+    else:
+        _lock_participant(participant_id)
+        group = None
+    p = Participant.objects.get(pk=participant_id)
+    if p.controller != P.Controller.PERSON:
+        raise RuleError("not_a_person", "Only seats played by a person can be removed or replaced.")
+    if p.status in (P.Status.FINISHED, P.Status.DECLINED, P.Status.LOBBY_TIMEOUT, P.Status.DROPPED):
+        raise RuleError("not_active", "This participant has already left the study.")
+    if replace_with_bot and (group is None or group.status != Group.Status.PLAYING):
+        raise RuleError("not_in_game", "Only a seat in a running game can be handed to a bot.")
+    now = timezone.now()
+    p.status, p.finished_at = P.Status.DROPPED, now
+    fields = ["status", "finished_at"]
+    _log(session_id=p.session_id, type="participant.removed", group=group, participant=p, actor_id=actor_id,
+         payload={"replaced_with_bot": replace_with_bot})
+    if replace_with_bot:
+        p.controller = bot_controller(group)
+        fields.append("controller")
+        _log(session_id=p.session_id, type="seat.takeover", group=group, participant=p, actor_id=actor_id,
+             payload={"controller": p.controller})
+    p.save(update_fields=fields)
+    events.refresh_on_commit(events.seat_channel(p.pk))
+    if group is None or group.status != Group.Status.PLAYING:
+        if p.session_id:
+            events.refresh_on_commit(events.lobby_channel(p.session_id))
+        return
+    params = group.session.experiment.params()
+    pending = [x for x in _pending(group, params) if x.pk == p.pk]
+    if pending and group.paused_at is None:
+        if replace_with_bot:
+            schedule_seats(group=group, params=params, pending=[p], now=now)
+        else:
+            _apply_defaults(group, params, pending, count_timeouts=False)
+            _bump(group)
+            _advance(group, params, now)
+    events.refresh_on_commit(events.group_channel(group.pk))
+
+
+@transaction.atomic
+def session_end(*, session_id: int, actor_id: int | None) -> None:
+    """End the session now: recruitment closes, every running group plays out its remaining phases by
+    defaults (recorded as such), and everyone still in the study is sent to the end page."""
+    session = _lock_session(session_id)
+    if session.ended_at is not None:
+        raise RuleError("already_ended", "This session has already ended.")
+    now = timezone.now()
+    session.status, session.ended_at = Session.Status.CLOSED, now
+    session.save(update_fields=["status", "ended_at"])
+    _log(session_id=session.pk, type="session.ended", actor_id=actor_id)
+    params = session.experiment.params()
+    for group_id in session.groups.filter(status=Group.Status.PLAYING).values_list("pk", flat=True):
+        group = _lock_group(group_id)
+        group.paused_at = group.paused_remaining = None
+        while group.status == Group.Status.PLAYING:
+            _phase_finish(group, params, now, count_timeouts=False)
+    still_in = session.participants.filter(controller=P.Controller.PERSON).exclude(
+        status__in=[P.Status.FINISHED, P.Status.DECLINED, P.Status.LOBBY_TIMEOUT, P.Status.DROPPED])
+    for p in still_in:
+        _log(session_id=session.pk, type="participant.ended_by_staff", participant=p, actor_id=actor_id,
+             payload={"from_stage": p.status})
+        events.refresh_on_commit(events.seat_channel(p.pk))
+    still_in.update(status=P.Status.FINISHED, finished_at=now)
+    events.refresh_on_commit(events.lobby_channel(session.pk))
+
+
+def participant_presence(*, participant_id: int, connected: bool) -> None:
+    """Count the seat's open websocket connections (several tabs count separately)."""
+    from django.db.models import F
+    from django.db.models.functions import Greatest
+
+    delta = F("connections") + 1 if connected else Greatest(F("connections") - 1, 0)
+    with transaction.atomic():
+        Participant.objects.filter(pk=participant_id).update(connections=delta, last_seen_at=timezone.now())
+        p = Participant.objects.only("session_id", "group_id").get(pk=participant_id)
+        Event.objects.create(session_id=p.session_id, group_id=p.group_id, participant_id=participant_id,
+                             type="participant.connected" if connected else "participant.disconnected")
+        events.monitor_on_commit(p.session_id, p.group_id)
+
+
+@transaction.atomic
+def session_status_set(*, session_id: int, status: str, actor_id: int | None) -> None:
+    """Open, pause or close recruitment. A change is logged with the staff user who made it; setting the
+    status a session already has changes and logs nothing. Participants already in stay in."""
+    if status not in Session.Status.values:
+        raise RuleError("invalid_status", f"Recruitment status must be one of {', '.join(Session.Status.values)}, not {status!r}.")
+    try:
+        session = _lock_session(session_id)
+    except Session.DoesNotExist:
+        raise RuleError("unknown_session", "No such session.") from None
+    if session.ended_at is not None and status != Session.Status.CLOSED:
+        raise RuleError("already_ended", "This session has ended; its recruitment cannot reopen. Create a new session.")
+    if session.status == status:
+        return
+    previous, session.status = session.status, status
+    session.save(update_fields=["status"])
+    _log(session_id=session.pk, type="session.status_changed", actor_id=actor_id, payload={"from": previous, "to": status})

@@ -31,3 +31,25 @@ def session_create(experiment: Experiment | None = None, **fields: Any) -> Sessi
 
 def quiz_answers(experiment: Experiment) -> dict[str, str]:
     return {str(i): q["answer"] for i, q in enumerate(experiment.quiz)}
+
+
+def people_onboard(session: Session, n: int) -> list[int]:
+    """Join ``n`` people and take them through consent, instructions and quiz into the lobby (via services)."""
+    from experiment import services
+
+    ids = []
+    for _ in range(n):
+        p = services.participant_join(session_id=session.pk)
+        services.consent_submit(participant_id=p.pk, accept=True)
+        services.instructions_done(participant_id=p.pk)
+        services.quiz_submit(participant_id=p.pk, answers=quiz_answers(session.experiment))
+        ids.append(p.pk)
+    return ids
+
+
+def group_start(session: Session):  # noqa: ANN201
+    """A full group for the session's experiment, formed through the lobby. Returns the Group."""
+    ids = people_onboard(session, session.experiment.n_humans)
+    from experiment.models import Participant
+
+    return Participant.objects.get(pk=ids[0]).group
