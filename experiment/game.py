@@ -9,10 +9,16 @@ from __future__ import annotations
 import enum
 import hashlib
 import random
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from urllib.parse import parse_qs, urlsplit
+
+# Plain ASCII digits only: ``str.isdigit`` also accepts "²" or "١٢", which ``int`` then rejects or
+# reads in surprising ways, and an unbounded digit string makes ``int`` raise past its size limit.
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_SIGNED_DIGITS = re.compile(r"-?[0-9]{1,18}")
 
 
 class Phase(enum.StrEnum):
@@ -76,7 +82,7 @@ def parse_belief_rounds(spec: str, n_rounds: int) -> frozenset[int]:
         if part == "last":
             rounds.add(n_rounds)
             continue
-        if not part.isdigit():
+        if not _DIGITS.fullmatch(part):
             raise RuleError("belief_rounds", f'Belief rounds must be "last" or round numbers separated by commas, not "{part}".')
         number = int(part)
         if not 1 <= number <= n_rounds:
@@ -250,7 +256,7 @@ def parse_points(value: object, *, name: str) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _SIGNED_DIGITS.fullmatch(value.strip()):
         return int(value.strip())
     raise RuleError("not_a_number", f"{name} must be a whole number.")
 
