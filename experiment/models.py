@@ -223,6 +223,11 @@ class Session(models.Model):
         help_text="Demo / pilot mode: after this many seconds in the lobby, synthetic participants fill the empty "
                   "human seats so the people waiting can play. Empty: never (real studies).",
     )
+    seed = models.BigIntegerField(
+        null=True, blank=True,
+        help_text="Seed from which every group's seed is derived, so a session can be replayed exactly "
+                  "(simulations set it). Empty: derived from the session's id and code.",
+    )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the session was created (UTC).")
     ended_at = models.DateTimeField(null=True, blank=True, help_text="When staff ended the session (UTC).")
 

@@ -192,7 +192,9 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
     counts = dict.fromkeys((c.name for c in conditions), 0)
     counts.update(session.groups.values("condition__name").annotate(n=Count("id")).values_list("condition__name", "n"))
     number = (session.groups.aggregate(m=Max("number"))["m"] or 0) + 1
-    seed = game.rng(session.pk, session.code, "group", number).randrange(2**31)
+    # A session seed (simulations) pins every group's randomness independently of database ids.
+    root = (session.seed,) if session.seed is not None else (session.pk, session.code)
+    seed = game.rng(*root, "group", number).randrange(2**31)
     condition = next(c for c in conditions if c.name == game.pick_condition(counts, seed, number))
     group = Group.objects.create(session=session, condition=condition, number=number, seed=seed)
     synthetic = params.n_humans - len(people)
