@@ -118,7 +118,7 @@ class MonitorConsumer(AsyncWebsocketConsumer):
         from experiment.monitor import session_overview
 
         try:
-            overview = await database_sync_to_async(session_overview)(self.session_id)
+            overview = await database_sync_to_async(session_overview, thread_sensitive=False)(self.session_id)
         except Exception:  # unknown session
             await self.close(code=4404)
             return
@@ -145,7 +145,9 @@ class MonitorConsumer(AsyncWebsocketConsumer):
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.COALESCE_SECONDS)
         dirty, self.dirty = self.dirty, set()
-        for update in await database_sync_to_async(_monitor_updates)(self.session_id, dirty):
+        # Off the shared sync thread: a large flush must never delay participants' actions in this process.
+        updates = await database_sync_to_async(_monitor_updates, thread_sensitive=False)(self.session_id, dirty)
+        for update in updates:
             await self.send(text_data=json.dumps(update))
 
 
