@@ -16,7 +16,7 @@ def dispatch(participant_id: int, message: object, *, automated: bool = False) -
     if not isinstance(message, dict):
         raise RuleError("invalid_message", "Each message must be a JSON object.")
     kind = message.get("type")
-    if kind not in CLIENT_MESSAGES:
+    if not isinstance(kind, str) or kind not in CLIENT_MESSAGES:  # a list or object "type" is not hashable
         raise RuleError("unknown_type", f"Unknown message type {str(kind)[:40]!r}.")
     ref = message.get("ref")
     if ref is not None and (not isinstance(ref, str) or len(ref) > 64):

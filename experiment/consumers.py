@@ -56,7 +56,7 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
             return
         try:
             message = json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # deeply nested arrays fit in a small frame and exhaust the parser's stack
             await self._error(None, "malformed_json", "That message is not valid JSON.")
             return
         ref = message.get("ref") if isinstance(message, dict) and isinstance(message.get("ref"), str) else None
