@@ -189,6 +189,11 @@ class Condition(models.Model):
         default=1, validators=[MinValueValidator(1)],
         help_text="First round in which labels are shown (when identity is disclosed).",
     )
+    bot_profile = models.ForeignKey(
+        "bots.BotProfile", on_delete=models.PROTECT, null=True, blank=True, related_name="conditions",
+        help_text="Language model that plays this arm's bot seats (and seats bots take over). Empty, or its API key "
+                  "missing from the environment: the offline scripted bot plays.",
+    )
 
     class Meta:
         ordering = ["id"]
