@@ -52,7 +52,7 @@ def seat_act(*, participant_id: int, round_number: int, phase: str) -> None:
     p = Participant.objects.select_related("group").get(pk=participant_id)
     if not p.is_automated or p.group is None:
         return
-    state = seat_state(participant_id)
+    state = seat_state(participant_id, for_controller=True)
     g = state.get("game")
     if not g or (g["round"], g["phase"]) != (round_number, phase) or not g["todo"]:
         return

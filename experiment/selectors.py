@@ -20,20 +20,26 @@ from experiment.questionnaire import QUESTIONS
 P = Participant
 
 
-def seat_state(participant_id: int) -> dict[str, Any]:
+def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str, Any]:
+    """The seat's view. ``for_controller``: the view of whatever plays the seat now. When a bot takes
+    over a dropped person's seat, the person's page shows the dropout while the bot plays on."""
     p = Participant.objects.select_related("session__experiment", "group__condition").get(pk=participant_id)
     experiment = p.session.experiment
     params = experiment.params()
+    stage = p.status
+    if (for_controller and p.is_automated and stage == P.Status.DROPPED and p.group is not None
+            and p.group.status == Group.Status.PLAYING):
+        stage = P.Status.PLAYING
     state: dict[str, Any] = {
         "type": "state",
         "version": p.group.version if p.group else 0,
         "server_time": timezone.now().isoformat(),
-        "stage": p.status,
-        "me": {"seat": p.seat, "role": p.role, "name": p.public_name, "colour": game.colour_of(p.seat) if p.role == P.Role.CANDIDATE else None},
+        "stage": stage,
+        "me": {"seat": p.seat, "role": p.role, "name": p.public_name,
+               "colour": game.colour_of(p.seat) if p.role == P.Role.CANDIDATE else None},
         "experiment": {"rounds": params.n_rounds, "endowment": params.endowment, "multiplier": params.multiplier,
                        "message_max_chars": params.message_max_chars, "fixed_send": params.fixed_send},
     }
-    stage = p.status
     if stage == P.Status.CONSENT:
         state["consent"] = {"text": experiment.consent_text}
     elif stage == P.Status.INSTRUCTIONS:
