@@ -17,6 +17,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "channels",
     "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
     "experiment",
     "bots",
 ]
@@ -73,8 +75,19 @@ LOGIN_URL = "admin:login"
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "PartnerLab data API",
+    "DESCRIPTION": "Read-only, staff-only access to experiments, sessions, groups, participants, choices, messages "
+                   "and LLM calls. Authenticate with a staff session or `Authorization: Token <key>`. Filter lists "
+                   "with `?session=<id>` and `?experiment=<slug>`; pages of 100 (`?page=`, `?page_size=` up to 1000).",
+    "VERSION": "1",
+    "SCHEMA_PATH_PREFIX": "/api/",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAdminUser"],
 }
 
 # --- PartnerLab -----------------------------------------------------------------------------

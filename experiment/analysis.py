@@ -1,0 +1,489 @@
+"""The preference-shift analysis: how the share of selectors choosing bots changes across rounds, by condition.
+
+- :func:`summary_rows`: per condition × round, the number of choices, the share going to bot candidates
+  with a 95 % Wilson interval, mean amount sent and mean return ratio by partner type. Aggregated
+  by the database, so it is cheap enough for a staff page.
+- :func:`belief_rows`: belief accuracy (misattribution) where identity was hidden.
+- :func:`plot`: share of bot choices by round with the interval as a band, per condition (PNG or SVG).
+- :func:`regression`: logistic regression of choosing a bot on round × condition, standard errors
+  clustered by selector, with a reading in plain words.
+- :func:`report_html`: all of it in one self-contained HTML page (``manage.py analyze``).
+
+pandas, statsmodels and matplotlib are imported inside the functions that need them: importing this
+module costs nothing, and nothing here is on a participant's request path.
+
+What counts as a choice: a human selector seat choosing a candidate. Choices applied by default at a
+deadline (``timed_out``) are left out unless ``include_timeouts`` (a random default is not a
+preference), and so are "no choice" rows. Choices in a round still being played count; return ratios
+count once the return is decided.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from django.db.models import Avg, Count, F, FloatField, Q, QuerySet, Value
+from django.db.models.functions import Cast, NullIf
+from django.template.loader import render_to_string
+
+from experiment.export import Scope
+from experiment.models import Belief, Choice, Condition, Participant
+
+P = Participant
+Z95 = 1.959963984540054
+REFERENCE_CONDITION = "hidden"
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> tuple[float | None, float | None]:
+    """Wilson score interval for a proportion (None, None when n = 0)."""
+    if n <= 0:
+        return None, None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# ---- the summary ---------------------------------------------------------------------------------------
+
+SUMMARY_COLUMNS: list[tuple[str, str]] = [
+    ("condition", "Condition (treatment arm)."),
+    ("disclosed", "Whether the condition shows Human / AI bot labels."),
+    ("round", "Round number, from 1."),
+    ("n_choices", "Choices counted: human selectors who chose a candidate (defaults at the deadline left out)."),
+    ("n_bot", "Of these, choices of a bot candidate."),
+    ("share_bot", "n_bot / n_choices."),
+    ("share_bot_low", "Lower end of the 95 % Wilson interval of share_bot."),
+    ("share_bot_high", "Upper end of the 95 % Wilson interval of share_bot."),
+    ("mean_sent_bot", "Mean points sent to bot candidates."),
+    ("mean_sent_human", "Mean points sent to human candidates."),
+    ("mean_return_ratio_bot", "Mean of returned / (sent × multiplier) for bot candidates (returns decided, sent > 0)."),
+    ("mean_return_ratio_human", "Mean of returned / (sent × multiplier) for human candidates (returns decided, sent > 0)."),
+    ("n_returns_bot", "Returns behind mean_return_ratio_bot."),
+    ("n_returns_human", "Returns behind mean_return_ratio_human."),
+]
+
+BELIEF_COLUMNS: list[tuple[str, str]] = [
+    ("condition", "Condition (treatment arm) with hidden identity."),
+    ("round", "Belief round."),
+    ("true_kind", "What the candidates judged really are: human or bot."),
+    ("n", "Guesses asked (human selectors × candidates of this kind)."),
+    ("guessed_bot", "Guesses \"bot\"."),
+    ("guessed_human", "Guesses \"human\"."),
+    ("no_guess", "No answer before the deadline."),
+    ("accuracy", "Share of answered guesses that are right."),
+    ("accuracy_low", "Lower end of the 95 % Wilson interval of accuracy."),
+    ("accuracy_high", "Upper end of the 95 % Wilson interval of accuracy."),
+    ("misattributed", "Share of answered guesses that are wrong (a bot taken for a human, or the reverse)."),
+    ("mean_confidence", "Mean confidence of the answered guesses (percent)."),
+]
+
+
+def _conditions_order(scope: Scope) -> dict[str, int]:
+    names = Condition.objects.filter(scope.q("groups__session")).order_by("id").values_list("name", flat=True)
+    order: dict[str, int] = {}
+    for name in names:
+        order.setdefault(name, len(order))
+    return order
+
+
+def counted_choices(*, scope: Scope, include_timeouts: bool = False) -> QuerySet:
+    qs = Choice.objects.filter(scope.q("group__session"), candidate__isnull=False, selector__kind=P.Kind.HUMAN)
+    return qs if include_timeouts else qs.filter(timed_out=False)
+
+
+def summary_rows(*, scope: Scope, include_timeouts: bool = False) -> list[dict[str, Any]]:
+    """One row per condition × round with the columns of :data:`SUMMARY_COLUMNS`."""
+    bot, human = Q(candidate__kind=P.Kind.BOT), Q(candidate__kind=P.Kind.HUMAN)
+    decided = Q(multiplied__gt=0, return_decision__isnull=False)
+    ratio = Cast(F("return_decision__returned"), FloatField()) / NullIf(Cast(F("multiplied"), FloatField()), Value(0.0))
+    aggregated = (
+        counted_choices(scope=scope, include_timeouts=include_timeouts)
+        .values("group__condition__name", "group__condition__disclose_identity", "round_number")
+        .annotate(
+            n_choices=Count("id"), n_bot=Count("id", filter=bot),
+            mean_sent_bot=Avg("sent", filter=bot), mean_sent_human=Avg("sent", filter=human),
+            mean_return_ratio_bot=Avg(ratio, filter=bot & decided), mean_return_ratio_human=Avg(ratio, filter=human & decided),
+            n_returns_bot=Count("id", filter=bot & decided), n_returns_human=Count("id", filter=human & decided),
+        )
+        .order_by()
+    )
+    order = _conditions_order(scope)
+    out = []
+    for row in aggregated:
+        low, high = wilson(row["n_bot"], row["n_choices"])
+        out.append({
+            "condition": row["group__condition__name"], "disclosed": row["group__condition__disclose_identity"],
+            "round": row["round_number"], "n_choices": row["n_choices"], "n_bot": row["n_bot"],
+            "share_bot": row["n_bot"] / row["n_choices"] if row["n_choices"] else None,
+            "share_bot_low": low, "share_bot_high": high,
+            **{k: (float(row[k]) if row[k] is not None else None)
+               for k in ("mean_sent_bot", "mean_sent_human", "mean_return_ratio_bot", "mean_return_ratio_human")},
+            "n_returns_bot": row["n_returns_bot"], "n_returns_human": row["n_returns_human"],
+        })
+    out.sort(key=lambda r: (order.get(r["condition"], len(order)), r["condition"], r["round"]))
+    return out
+
+
+def belief_rows(*, scope: Scope) -> list[dict[str, Any]]:
+    """Belief accuracy where identity was hidden: per condition × belief round × true kind of the candidate."""
+    answered = ~Q(guess="")
+    aggregated = (
+        Belief.objects.filter(scope.q("group__session"), group__condition__disclose_identity=False,
+                              selector__kind=P.Kind.HUMAN)
+        .values("group__condition__name", "round_number", "candidate__kind")
+        .annotate(n=Count("id"), guessed_bot=Count("id", filter=Q(guess=Belief.Guess.BOT)),
+                  guessed_human=Count("id", filter=Q(guess=Belief.Guess.HUMAN)),
+                  no_guess=Count("id", filter=Q(guess="")), mean_confidence=Avg("confidence", filter=answered))
+        .order_by()
+    )
+    order = _conditions_order(scope)
+    out = []
+    for row in aggregated:
+        kind = row["candidate__kind"]
+        answered_n = row["guessed_bot"] + row["guessed_human"]
+        right = row["guessed_bot"] if kind == P.Kind.BOT else row["guessed_human"]
+        low, high = wilson(right, answered_n)
+        out.append({
+            "condition": row["group__condition__name"], "round": row["round_number"], "true_kind": kind, "n": row["n"],
+            "guessed_bot": row["guessed_bot"], "guessed_human": row["guessed_human"], "no_guess": row["no_guess"],
+            "accuracy": right / answered_n if answered_n else None, "accuracy_low": low, "accuracy_high": high,
+            "misattributed": (answered_n - right) / answered_n if answered_n else None,
+            "mean_confidence": float(row["mean_confidence"]) if row["mean_confidence"] is not None else None,
+        })
+    out.sort(key=lambda r: (order.get(r["condition"], len(order)), r["condition"], r["round"], r["true_kind"]))
+    return out
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "" if value is None else value
+
+
+def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([name for name, _ in columns])
+    for row in rows:
+        writer.writerow([_cell(row[name]) for name, _ in columns])
+    return buffer.getvalue()
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
+
+PlotFormat = Literal["png", "svg"]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf"]
+
+
+def _figure(title: str, ylabel: str) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel("Round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _render(fig: Any, fmt: PlotFormat) -> bytes:
+    import matplotlib
+
+    if fmt not in ("png", "svg"):
+        raise ValueError(f'Plot format must be "png" or "svg", not "{fmt}".')
+    buffer = io.BytesIO()
+    # A fixed hash salt and no date: the same data always gives the same SVG bytes.
+    with matplotlib.rc_context({"svg.hashsalt": "partnerlab", "svg.fonttype": "none"}):
+        fig.savefig(buffer, format=fmt, dpi=120, metadata={"Date": None} if fmt == "svg" else {"Software": None})
+    return buffer.getvalue()
+
+
+def _by_condition(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault(row["condition"], []).append(row)
+    return out
+
+
+def plot(rows: Sequence[dict[str, Any]], *, fmt: PlotFormat = "png", chance: float | None = None) -> bytes:
+    """Share of choices going to bots by round, one line per condition with its 95 % Wilson band."""
+    fig, ax = _figure("Share of choices going to bot candidates", "Share to bots (95 % CI)")
+    for i, (condition, series) in enumerate(_by_condition(rows).items()):
+        colour = COLOURS[i % len(COLOURS)]
+        xs = [r["round"] for r in series]
+        ax.fill_between(xs, [r["share_bot_low"] for r in series], [r["share_bot_high"] for r in series],
+                        color=colour, alpha=0.18, linewidth=0)
+        ax.plot(xs, [r["share_bot"] for r in series], marker="o", color=colour, label=condition)
+    if chance is not None:
+        ax.axhline(chance, color="#555555", linestyle="--", linewidth=1, label="share of bot candidates")
+    ax.set_ylim(0, 1)
+    if rows:
+        ax.legend(loc="best")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    else:
+        ax.text(0.5, 0.5, "No choices yet", ha="center", va="center", transform=ax.transAxes)
+    return _render(fig, fmt)
+
+
+def plot_returns(rows: Sequence[dict[str, Any]], *, fmt: PlotFormat = "png") -> bytes:
+    """Mean return ratio by round and partner type, per condition (solid: bots, dashed: humans)."""
+    fig, ax = _figure("Mean return ratio by partner type", "returned / (sent × multiplier)")
+    for i, (condition, series) in enumerate(_by_condition(rows).items()):
+        colour = COLOURS[i % len(COLOURS)]
+        xs = [r["round"] for r in series]
+        ax.plot(xs, [r["mean_return_ratio_bot"] for r in series], marker="o", color=colour, label=f"{condition}: bots")
+        ax.plot(xs, [r["mean_return_ratio_human"] for r in series], marker="s", linestyle="--", color=colour,
+                label=f"{condition}: humans")
+    ax.set_ylim(0, 1)
+    if rows:
+        ax.legend(loc="best", fontsize="small")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _render(fig, fmt)
+
+
+def bot_share_of_candidates(*, scope: Scope) -> float | None:
+    """The share a selector choosing at random would give bots (when the designs in scope agree)."""
+    shares = {(c.n_bot_candidates, c.n_candidates) for c in _experiments(scope)}
+    if len(shares) != 1:
+        return None
+    bots, total = shares.pop()
+    return bots / total if total else None
+
+
+def _experiments(scope: Scope) -> list[Any]:
+    from experiment.models import Experiment
+
+    return list(Experiment.objects.filter(scope.q("sessions")).distinct())
+
+
+# ---- regression ---------------------------------------------------------------------------------------
+
+@dataclass
+class Slope:
+    condition: str
+    estimate: float
+    se: float
+    low: float
+    high: float
+    p: float
+
+    @property
+    def odds_ratio(self) -> float:
+        return math.exp(self.estimate)
+
+
+@dataclass
+class Regression:
+    """Logit of choosing a bot on round × condition, standard errors clustered by selector."""
+
+    formula: str = ""
+    n: int = 0
+    n_selectors: int = 0
+    reference: str = ""
+    coefficients: list[dict[str, Any]] = field(default_factory=list)
+    slopes: list[Slope] = field(default_factory=list)
+    differences: list[Slope] = field(default_factory=list)
+    predicted: dict[str, tuple[float, float, int, int]] = field(default_factory=dict)
+    reading: list[str] = field(default_factory=list)
+    text: str = ""
+    error: str = ""
+
+    def coefficients_csv(self) -> str:
+        return rows_csv(self.coefficients, [(k, k) for k in ("term", "estimate", "se", "z", "p", "low", "high", "odds_ratio")])
+
+
+def choice_frame(*, scope: Scope, include_timeouts: bool = False) -> Any:
+    """Choice-level data for modelling: bot (0/1), round, condition, selector_id (a pandas DataFrame)."""
+    import pandas as pd
+
+    values = (counted_choices(scope=scope, include_timeouts=include_timeouts)
+              .values_list("candidate__kind", "round_number", "group__condition__name", "selector_id")
+              .order_by("id"))
+    frame = pd.DataFrame.from_records(list(values.iterator(chunk_size=5000)),
+                                      columns=["kind", "round", "condition", "selector_id"])
+    frame["bot"] = (frame["kind"] == P.Kind.BOT).astype(int)
+    return frame.drop(columns=["kind"])
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
+    """Fit ``bot ~ (round − 1) × condition`` (logit) with standard errors clustered by selector."""
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+    import statsmodels.api as sm
+
+    frame = choice_frame(scope=scope, include_timeouts=include_timeouts)
+    result = Regression(n=len(frame), n_selectors=int(frame["selector_id"].nunique()) if len(frame) else 0)
+    if len(frame) == 0:
+        result.error = "No choices to model yet."
+        return result
+    if frame["round"].nunique() < 2:
+        result.error = "Choices from at least two rounds are needed to estimate a change across rounds."
+        return result
+    if frame["bot"].nunique() < 2:
+        result.error = ("Every counted choice went to the same kind of candidate, so the odds cannot be estimated "
+                        f"(all {'bots' if frame['bot'].iloc[0] else 'humans'}).")
+        return result
+    if result.n_selectors < 2:
+        result.error = "At least two selectors are needed for standard errors clustered by selector."
+        return result
+
+    order = _conditions_order(scope)
+    conditions = sorted(frame["condition"].unique(), key=lambda c: (order.get(c, len(order)), c))
+    reference = REFERENCE_CONDITION if REFERENCE_CONDITION in conditions else conditions[0]
+    others = [c for c in conditions if c != reference]
+    result.reference = reference
+    # Round counted from 0 at round 1: the intercept is the log-odds in the first round of the reference arm.
+    r0 = frame["round"] - frame["round"].min()
+    design = pd.DataFrame({"const": 1.0, "round": r0.astype(float)})
+    for c in others:
+        is_c = (frame["condition"] == c).astype(float)
+        design[c] = is_c
+        design[f"round:{c}"] = r0 * is_c
+    terms = " + ".join(["round", *others, *(f"round:{c}" for c in others)])
+    result.formula = f"logit P(bot) = const + {terms}  (round counted from 0 at round {int(frame['round'].min())}; "  \
+                     f"reference condition: {reference})"
+
+    groups = pd.factorize(frame["selector_id"])[0]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", category=RuntimeWarning)
+            from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+
+            warnings.simplefilter("error", category=PerfectSeparationWarning)
+            fit = sm.GLM(frame["bot"].astype(float), design, family=sm.families.Binomial()).fit(
+                cov_type="cluster", cov_kwds={"groups": groups})
+    except Exception as exc:  # statsmodels signals separation and singular designs in several ways
+        result.error = f"The model could not be fitted: {exc}"
+        return result
+
+    ci = fit.conf_int(alpha=0.05)
+    for term in design.columns:
+        result.coefficients.append({
+            "term": term, "estimate": float(fit.params[term]), "se": float(fit.bse[term]), "z": float(fit.tvalues[term]),
+            "p": float(fit.pvalues[term]), "low": float(ci.loc[term, 0]), "high": float(ci.loc[term, 1]),
+            "odds_ratio": float(np.exp(fit.params[term])),
+        })
+
+    def contrast(weights: dict[str, float], name: str) -> Slope:
+        vector = np.array([[weights.get(t, 0.0) for t in design.columns]])
+        test = fit.t_test(vector)
+        low, high = test.conf_int(alpha=0.05)[0]
+        return Slope(condition=name, estimate=float(np.squeeze(test.effect)), se=float(np.squeeze(test.sd)),
+                     low=float(low), high=float(high), p=float(np.squeeze(test.pvalue)))
+
+    result.slopes.append(contrast({"round": 1.0}, reference))
+    for c in others:
+        result.slopes.append(contrast({"round": 1.0, f"round:{c}": 1.0}, c))
+        result.differences.append(contrast({f"round:{c}": 1.0}, c))
+
+    first, last = int(frame["round"].min()), int(frame["round"].max())
+    for c in conditions:
+        row0 = {"const": 1.0, "round": 0.0}
+        row1 = {"const": 1.0, "round": float(last - first)}
+        if c != reference:
+            row0 |= {c: 1.0}
+            row1 |= {c: 1.0, f"round:{c}": float(last - first)}
+        logit = [sum(fit.params[t] * v for t, v in row.items()) for row in (row0, row1)]
+        result.predicted[c] = (1 / (1 + math.exp(-logit[0])), 1 / (1 + math.exp(-logit[1])), first, last)
+    result.reading = _reading(result)
+    result.text = str(fit.summary())
+    return result
+
+
+def _reading(result: Regression) -> list[str]:
+    lines = [f"Based on {result.n} choices by {result.n_selectors} human selectors; standard errors are "
+             "clustered by selector, so repeated choices of one person are not treated as independent."]
+    for slope in result.slopes:
+        p0, p1, first, last = result.predicted[slope.condition]
+        per_round = (p1 - p0) / (last - first) if last > first else 0.0
+        factor = f"{slope.odds_ratio:.2f} (95 % CI {math.exp(slope.low):.2f} to {math.exp(slope.high):.2f}; {_p_text(slope.p)})"
+        if slope.low > 0:
+            trend = "rose"
+        elif slope.high < 0:
+            trend = "fell"
+        else:
+            trend = None
+        if trend:
+            lines.append(f"In the {slope.condition} condition, the odds of choosing a bot {trend} across rounds: they were "
+                         f"multiplied by {factor} per round. The fitted share of bot choices goes from {_percent(p0)} in "
+                         f"round {first} to {_percent(p1)} in round {last}, about {100 * per_round:+.1f} percentage points "
+                         "per round.")
+        else:
+            lines.append(f"In the {slope.condition} condition, there is no clear trend: the odds of choosing a bot were "
+                         f"multiplied by {factor} per round, an interval that includes no change. The fitted share "
+                         f"goes from {_percent(p0)} in round {first} to {_percent(p1)} in round {last}.")
+    for diff in result.differences:
+        verdict = ("differs clearly from" if diff.low > 0 or diff.high < 0 else "is not clearly different from")
+        lines.append(f"The trend in the {diff.condition} condition {verdict} the trend in the {result.reference} "
+                     f"condition: the difference is {diff.estimate:+.3f} log-odds per round (95 % CI {diff.low:+.3f} to "
+                     f"{diff.high:+.3f}; {_p_text(diff.p)}).")
+    return lines
+
+
+# ---- the report -----------------------------------------------------------------------------------------
+
+def _svg_inline(data: bytes) -> str:
+    text = data.decode()
+    # Drop the XML declaration and DOCTYPE so the SVG can sit inside HTML.
+    return re.sub(r"^.*?(<svg\b)", r"\1", text, count=1, flags=re.DOTALL)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def report_context(*, scope: Scope, title: str, include_timeouts: bool = False) -> dict[str, Any]:
+    summary = summary_rows(scope=scope, include_timeouts=include_timeouts)
+    beliefs = belief_rows(scope=scope)
+    chance = bot_share_of_candidates(scope=scope)
+    fit = regression(scope=scope, include_timeouts=include_timeouts)
+    return {
+        "title": title,
+        "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "scope": scope,
+        "include_timeouts": include_timeouts,
+        "summary_columns": SUMMARY_COLUMNS,
+        "summary": [[_fmt(r[name]) for name, _ in SUMMARY_COLUMNS] for r in summary],
+        "belief_columns": BELIEF_COLUMNS,
+        "beliefs": [[_fmt(r[name]) for name, _ in BELIEF_COLUMNS] for r in beliefs],
+        "share_plot_svg": _svg_inline(plot(summary, fmt="svg", chance=chance)),
+        "returns_plot_svg": _svg_inline(plot_returns(summary, fmt="svg")),
+        "regression": fit,
+        "coefficients": [[c["term"], *(_fmt(c[k]) for k in ("estimate", "se", "z", "p", "low", "high", "odds_ratio"))]
+                         for c in fit.coefficients],
+        "slopes": [[s.condition, _fmt(s.estimate), _fmt(s.se), _fmt(s.low), _fmt(s.high), _fmt(s.odds_ratio), _fmt(s.p)]
+                   for s in fit.slopes],
+        "raw": {"summary": summary, "beliefs": beliefs},
+    }
+
+
+def report_html(*, scope: Scope, title: str, include_timeouts: bool = False) -> str:
+    """A self-contained HTML report: summary, plots (inline SVG), belief accuracy, regression and its reading."""
+    context = report_context(scope=scope, title=title, include_timeouts=include_timeouts)
+    return render_to_string("experiment/staff/report.html", context)

@@ -1,0 +1,936 @@
+"""Tidy exports: every table is defined once here, streamed as CSV or JSON Lines, bundled with a codebook.
+
+One definition per table (:data:`TABLES`) drives everything that leaves the platform as data: the
+files in the zip bundle, ``codebook.md`` / ``codebook.json`` (column meanings come from the models'
+``help_text`` wherever a column is a stored field, so the codebook cannot drift from the models), the
+``export`` and ``codebook`` management commands, the staff download views and the API bundle endpoint.
+
+Memory stays flat whatever the size: every table is one query read through a server-side cursor
+(``QuerySet.iterator(chunk_size=…)``), every derived value that SQL can compute is computed by the
+database, and rows go to the zip stream a chunk at a time.
+
+Privacy: participant tokens are never exported. Recruitment ids (PROLIFIC_PID, STUDY_ID, SESSION_ID)
+appear only when the caller asks for them (staff exports), optionally replaced by stable
+pseudonyms (HMAC-SHA256 keyed with ``SECRET_KEY``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import hmac
+import io
+import itertools
+import json
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from django.apps import apps
+from django.conf import settings
+from django.db import connection, models, transaction
+from django.db.models import (
+    BooleanField,
+    Case,
+    Count,
+    Expression,
+    F,
+    FilteredRelation,
+    FloatField,
+    IntegerField,
+    OuterRef,
+    Q,
+    Subquery,
+    TextField,
+    Value,
+    When,
+)
+from django.db.models.fields.json import KeyTextTransform, KeyTransform
+from django.db.models.functions import Cast, Coalesce, Length, NullIf
+
+from experiment.models import (
+    Belief,
+    Choice,
+    Event,
+    Experiment,
+    Group,
+    Message,
+    Participant,
+    QuestionnaireResponse,
+    Return,
+    Session,
+)
+from experiment.questionnaire import QUESTIONS
+
+P = Participant
+Format = Literal["csv", "jsonl"]
+Recruitment = Literal["omit", "include", "pseudonymise"]
+FORMATS: tuple[str, ...] = ("csv", "jsonl")
+CHUNK_ROWS = 2000
+# Level 1 deflate: CSV still shrinks about 5×, at a fraction of the CPU time of the default level 6.
+ZIP_LEVEL = 1
+PSEUDONYM_CHARS = 16
+
+TYPES = {
+    "integer": "whole number",
+    "number": "decimal number",
+    "string": "text",
+    "boolean": "True / False",
+    "datetime": "UTC timestamp, ISO 8601 with a space between date and time (YYYY-MM-DD HH:MM:SS[.ffffff]+00:00)",
+    "json": "JSON text in CSV; a nested value in JSON Lines",
+}
+
+
+class ExportError(ValueError):
+    """A request for an export that cannot be served (unknown scope, bad option). Nothing was written."""
+
+
+# ---- scope ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scope:
+    """Which sessions an export covers: some sessions, the sessions of some experiments, or everything."""
+
+    session_ids: tuple[int, ...] | None = None
+    experiment_ids: tuple[int, ...] | None = None
+    label: str = "all"
+
+    @classmethod
+    def everything(cls) -> Scope:
+        return cls()
+
+    @classmethod
+    def for_sessions(cls, session_ids: Iterable[int]) -> Scope:
+        ids = tuple(sorted({int(i) for i in session_ids}))
+        if not ids:
+            raise ExportError("Choose at least one session.")
+        found = set(Session.objects.filter(pk__in=ids).values_list("pk", flat=True))
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise ExportError(f"No session with id {', '.join(map(str, missing))}.")
+        label = f"session-{ids[0]}" if len(ids) == 1 else f"sessions-{ids[0]}-and-{len(ids) - 1}-more"
+        return cls(session_ids=ids, label=label)
+
+    @classmethod
+    def for_experiments(cls, experiment_ids: Iterable[int]) -> Scope:
+        ids = tuple(sorted({int(i) for i in experiment_ids}))
+        if not ids:
+            raise ExportError("Choose at least one experiment.")
+        slugs = dict(Experiment.objects.filter(pk__in=ids).values_list("pk", "slug"))
+        missing = [i for i in ids if i not in slugs]
+        if missing:
+            raise ExportError(f"No experiment with id {', '.join(map(str, missing))}.")
+        label = f"experiment-{slugs[ids[0]]}" if len(ids) == 1 else f"experiments-{slugs[ids[0]]}-and-{len(ids) - 1}-more"
+        return cls(experiment_ids=ids, label=label)
+
+    @classmethod
+    def session(cls, session_id: int) -> Scope:
+        return cls.for_sessions([session_id])
+
+    @classmethod
+    def experiment(cls, slug: str) -> Scope:
+        pk = Experiment.objects.filter(slug=slug).values_list("pk", flat=True).first()
+        if pk is None:
+            known = ", ".join(Experiment.objects.order_by("slug").values_list("slug", flat=True)[:20]) or "none yet"
+            raise ExportError(f'No experiment with slug "{slug}" (known: {known}).')
+        return cls.for_experiments([pk])
+
+    def q(self, session_path: str) -> Q:
+        """Filter for a model whose session is reached through ``session_path`` (e.g. ``group__session``)."""
+        if self.session_ids is not None:
+            return Q(**{f"{session_path}__in": self.session_ids})
+        if self.experiment_ids is not None:
+            return Q(**{f"{session_path}__experiment__in": self.experiment_ids})
+        return Q()
+
+    def describe(self) -> dict[str, Any]:
+        return {"label": self.label, "session_ids": list(self.session_ids) if self.session_ids is not None else None,
+                "experiment_ids": list(self.experiment_ids) if self.experiment_ids is not None else None}
+
+
+@dataclass(frozen=True)
+class Options:
+    format: Format = "csv"
+    # "omit" unless the caller is staff: recruitment ids never leave by default.
+    recruitment: Recruitment = "omit"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ExportError(f'Format must be one of {", ".join(FORMATS)}, not "{self.format}".')
+        if self.recruitment not in ("omit", "include", "pseudonymise"):
+            raise ExportError(f'Recruitment ids must be "omit", "include" or "pseudonymise", not "{self.recruitment}".')
+
+
+# ---- columns and tables ------------------------------------------------------------------------------
+
+Source = str | Expression
+
+
+@dataclass(frozen=True)
+class Column:
+    """One exported column.
+
+    ``sources`` are lookups on the table's model (``"selector__seat"``) or ORM expressions, fetched by
+    the database. With one source and no ``combine`` the value goes out as fetched; ``combine`` turns
+    several fetched values into one (for what SQL cannot compute identically on every backend).
+    ``meaning`` may contain ``{help}``, replaced by the ``help_text`` of the field the first source
+    names, so the codebook follows the models.
+    """
+
+    name: str
+    sources: tuple[Source, ...]
+    meaning: str = "{help}"
+    type: str = ""
+    unit: str = ""
+    values: tuple[str, ...] = ()
+    recruitment: bool = False
+    combine: Callable[..., Any] | None = None
+    field: str = ""  # the field that documents an expression source (its help_text fills {help})
+
+
+def col(name: str, source: Source, meaning: str = "{help}", *, type: str = "", unit: str = "",
+        values: Sequence[str] = (), recruitment: bool = False, field: str = "") -> Column:
+    return Column(name=name, sources=(source,), meaning=meaning, type=type, unit=unit, values=tuple(values),
+                  recruitment=recruitment, field=field)
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    row: str  # what one row is, for the codebook
+    model: Callable[[], type[models.Model] | None]
+    session_path: str
+    columns: Callable[[], list[Column]]
+    order_by: tuple[str, ...] = ("pk",)
+    prepare: Callable[[models.QuerySet], models.QuerySet] | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A column with everything the codebook says about it filled in."""
+
+    name: str
+    type: str
+    unit: str
+    meaning: str
+    values: tuple[str, ...] = ()
+    recruitment: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "unit": self.unit, "meaning": self.meaning}
+        if self.values:
+            out["values"] = list(self.values)
+        return out
+
+
+def _field_at(model: type[models.Model], path: str) -> models.Field | None:
+    """The model field a lookup path ends at (``"selector__seat"`` → Participant.seat)."""
+    current: type[models.Model] | None = model
+    found = None
+    for part in path.split("__"):
+        if current is None:
+            return None
+        try:
+            found = current._meta.get_field(part)
+        except Exception:
+            return None
+        current = found.related_model if found.is_relation else None
+    return found
+
+
+def _type_of(f: models.Field) -> str:
+    if isinstance(f, models.BooleanField):
+        return "boolean"
+    if isinstance(f, models.DateTimeField):
+        return "datetime"
+    if isinstance(f, (models.IntegerField, models.ForeignKey, models.AutoField, models.OneToOneField)):
+        return "integer"
+    if isinstance(f, (models.FloatField, models.DecimalField)):
+        return "number"
+    if isinstance(f, models.JSONField):
+        return "json"
+    return "string"
+
+
+def resolve(table: Table, column: Column) -> Resolved:
+    model = table.model()
+    first = column.sources[0]
+    lookup = column.field or (first if isinstance(first, str) else "")
+    f = _field_at(model, lookup) if model is not None and lookup else None
+    help_text = str(f.help_text).strip().rstrip(".") if f is not None and f.help_text else ""
+    if "{help}" in column.meaning and not help_text:
+        raise ValueError(f"Column {table.name}.{column.name} takes its meaning from {lookup or 'an expression'}, "
+                         "which has no help_text: add one to the model field or give the meaning here.")
+    if column.meaning.startswith("{help}"):
+        help_text = help_text[:1].upper() + help_text[1:]
+    meaning = column.meaning.replace("{help}", help_text).strip()
+    if meaning[-1] not in ".!?":
+        meaning += "."
+    kind = column.type or (_type_of(f) if f is not None else "")
+    if not kind:
+        raise ValueError(f"Column {table.name}.{column.name} needs an explicit type.")
+    unit = column.unit or ("UTC" if kind == "datetime" else "")
+    values = column.values or (tuple(str(v) for v, _ in f.choices) if f is not None and f.choices else ())
+    return Resolved(name=column.name, type=kind, unit=unit, meaning=meaning,
+                    values=values, recruitment=column.recruitment)
+
+
+# ---- shared column builders ----------------------------------------------------------------------------
+
+def _round_complete(group: str, round_field: str) -> Expression:
+    """True once the round is settled (its return phase closed), evaluated per row by the database."""
+    return Case(
+        When(**{f"{group}__status": Group.Status.FINISHED}, then=Value(True)),
+        When(**{f"{group}__round_number__gt": F(round_field)}, then=Value(True)),
+        When(Q(**{f"{group}__round_number": F(round_field), f"{group}__phase__in": ["feedback", "belief"]}), then=Value(True)),
+        default=Value(False), output_field=BooleanField(),
+    )
+
+
+def _is_bot(kind_path: str) -> Expression:
+    return Case(When(**{f"{kind_path}__isnull": True}, then=Value(None)),
+                When(**{kind_path: P.Kind.BOT}, then=Value(True)),
+                default=Value(False), output_field=BooleanField())
+
+
+def _ratio(numerator: str, denominator: str) -> Expression:
+    return Cast(F(numerator), FloatField()) / NullIf(Cast(F(denominator), FloatField()), Value(0.0))
+
+
+def _group_columns(group: str, *, round_field: str | None) -> list[Column]:
+    columns = [
+        col("experiment", f"{group}__session__experiment__slug", "Experiment: {help}"),
+        col("session_id", f"{group}__session_id", "Session id (see the admin / API)."),
+        col("group_id", f"{group}_id", "Group id: one mini-society playing together through all rounds."),
+        col("group_number", f"{group}__number"),
+        col("condition", f"{group}__condition__name", "Condition (treatment arm) of the group: {help}"),
+    ]
+    if round_field is not None:
+        columns += [
+            col("round", round_field, "Round number, from 1."),
+            col("round_complete", _round_complete(group, round_field),
+                "True when the round is settled (its return phase has closed); False for a round still being "
+                "played when the export was made, whose later decisions are missing.", type="boolean"),
+        ]
+    return columns
+
+
+def _seat_columns(prefix: str, path: str, *, who: str) -> list[Column]:
+    return [
+        col(f"{prefix}_id", f"{path}_id", f"Participant id of the {who}."),
+        col(f"{prefix}_seat", f"{path}__seat", f"Seat of the {who}: {{help}}"),
+        col(f"{prefix}_kind", f"{path}__kind", f"Kind of the {who}: {{help}}"),
+        col(f"{prefix}_controller", f"{path}__controller", f"Controller of the {who} at export time: {{help}}"),
+    ]
+
+
+# ---- the tables ---------------------------------------------------------------------------------------
+
+def _bonus(payoff: int | None, rate: Decimal | None) -> Decimal | None:
+    if payoff is None or rate is None:
+        return None
+    # Same rounding as experiment.services.bonus_of, which the completion page and the bonus file use.
+    return (Decimal(payoff) * rate).quantize(Decimal("0.01"))
+
+
+def _participants_columns() -> list[Column]:
+    return [
+        col("experiment", "session__experiment__slug", "Experiment: {help}"),
+        col("session_id", "session_id", "Session id (see the admin / API)."),
+        col("group_id", "group_id", "Group id; empty for a participant never placed in a group (declined, lobby timeout)."),
+        col("group_number", "group__number"),
+        col("condition", "group__condition__name", "Condition (treatment arm) of the participant's group: {help}"),
+        col("participant_id", "id", "Participant id (one seat; the same id appears in every other table)."),
+        col("seat", "seat"),
+        col("role", "role", "Role, fixed for the whole game: {help}", values=P.Role.values),
+        col("kind", "kind"),
+        col("is_bot", _is_bot("kind"), "True for a bot seat (kind = bot).", type="boolean"),
+        col("controller", "controller"),
+        col("status", "status", "Where the participant ended up (or is now, for a running session)."),
+        col("prolific_pid", "prolific_pid", recruitment=True),
+        col("study_id", "study_id", recruitment=True),
+        col("recruitment_session_id", "recruitment_session_id", recruitment=True),
+        col("quiz_attempts", "quiz_attempts"),
+        col("payoff", "payoff", unit="points"),
+        Column("bonus", ("payoff", "session__experiment__bonus_per_point"),
+               "Money bonus: payoff × the experiment's bonus per point, rounded to cents (what the bonus file pays).",
+               type="number", unit="currency units", combine=_bonus),
+        col("currency", "session__experiment__currency"),
+        col("joined_at", "joined_at"),
+        col("lobby_at", "lobby_at"),
+        col("finished_at", "finished_at", "When the participant finished, declined, timed out in the lobby or dropped out (UTC)."),
+    ]
+
+
+def _choices_prepare(qs: models.QuerySet) -> models.QuerySet:
+    return qs.annotate(
+        selector_round=FilteredRelation("selector__round_payoffs",
+                                        condition=Q(selector__round_payoffs__round_number=F("round_number"))),
+    )
+
+
+def _choices_columns() -> list[Column]:
+    returned = "return_decision__returned"
+    return [
+        *_group_columns("group", round_field="round_number"),
+        col("choice_id", "id", "Choice id."),
+        *_seat_columns("selector", "selector", who="selector"),
+        col("candidate_id", "candidate_id", "Participant id of the chosen candidate; empty when the selector chose nobody."),
+        col("candidate_seat", "candidate__seat", "Pseudonym (seat letter) of the chosen candidate."),
+        col("candidate_kind", "candidate__kind", "Kind of the chosen candidate: {help}"),
+        col("candidate_is_bot", _is_bot("candidate__kind"), "True when the chosen candidate is a bot seat; empty for no choice.",
+            type="boolean"),
+        col("candidate_controller", "candidate__controller", "What plays the chosen candidate's seat at export time: {help}"),
+        col("label_shown", "label_shown", values=("Human", "AI bot", "")),
+        col("position", "position"),
+        col("order", Cast("order", TextField()), "{help} (JSON list).", type="json", field="order"),
+        col("sent", "sent", unit="points"),
+        col("multiplied", "multiplied", unit="points"),
+        col("returned", returned, "Points the candidate returned to this selector; empty until the return is decided.",
+            unit="points"),
+        col("return_ratio", _ratio(returned, "multiplied"),
+            "returned / multiplied; empty when nothing was sent or the return is not decided yet.",
+            type="number", unit="share 0..1"),
+        col("selector_payoff", "selector_round__points",
+            "Points the selector earned in the round as settled by the game (endowment − sent + returned); empty "
+            "until the round is settled.", type="integer", unit="points"),
+        col("candidate_earned", Cast(F("multiplied") - F(returned), IntegerField()),
+            "Points the candidate kept from this selector's transfer (multiplied − returned); empty until decided.",
+            type="integer", unit="points"),
+        col("choice_timed_out", "timed_out", "True when the choice is the default applied at the deadline."),
+        col("choice_seconds", "decision_seconds", unit="seconds"),
+        col("return_timed_out", "return_decision__timed_out", "True when the return is the default (0) applied at the deadline."),
+        col("return_seconds", "return_decision__decision_seconds", unit="seconds"),
+        col("chosen_at", "created_at"),
+        col("returned_at", "return_decision__created_at", "Server time the return was stored (UTC)."),
+    ]
+
+
+def _pitch_seconds() -> Expression:
+    # The pitch time is logged with the accepted submission (Message has no phase start of its own).
+    submitted = Event.objects.filter(type="pitch.submitted", participant=OuterRef("candidate"),
+                                     round_number=OuterRef("round_number")).order_by("id")
+    return Subquery(submitted.annotate(s=Cast(KeyTextTransform("seconds", "payload"), FloatField())).values("s")[:1],
+                    output_field=FloatField())
+
+
+def _times_chosen() -> Expression:
+    chosen = (Choice.objects.filter(candidate=OuterRef("candidate"), round_number=OuterRef("round_number"))
+              .order_by().values("candidate").annotate(n=Count("id")).values("n"))
+    return Coalesce(Subquery(chosen, output_field=IntegerField()), Value(0))
+
+
+def _messages_columns() -> list[Column]:
+    return [
+        *_group_columns("group", round_field="round_number"),
+        col("message_id", "id", "Message id."),
+        *_seat_columns("candidate", "candidate", who="candidate"),
+        col("text", "text"),
+        col("length", Length("text"), "Length of the text.", type="integer", unit="characters"),
+        col("timed_out", "timed_out"),
+        col("seconds", _pitch_seconds(), "Seconds from the start of the pitch phase to the message; empty when timed out.",
+            type="number", unit="seconds"),
+        col("times_chosen", _times_chosen(), "How many selectors chose this candidate in this round.", type="integer"),
+        col("created_at", "created_at"),
+    ]
+
+
+def _returns_columns() -> list[Column]:
+    return [
+        *_group_columns("choice__group", round_field="choice__round_number"),
+        col("return_id", "id", "Return id."),
+        col("choice_id", "choice_id", "Id of the choice this return answers (choices.choice_id)."),
+        *_seat_columns("candidate", "candidate", who="candidate"),
+        *_seat_columns("selector", "choice__selector", who="selector"),
+        col("sent", "choice__sent", unit="points"),
+        col("available", "available", unit="points"),
+        col("returned", "returned", unit="points"),
+        col("return_ratio", _ratio("returned", "available"), "returned / available; empty when nothing was available.",
+            type="number", unit="share 0..1"),
+        col("timed_out", "timed_out"),
+        col("decision_seconds", "decision_seconds", unit="seconds"),
+        col("created_at", "created_at"),
+    ]
+
+
+def _beliefs_columns() -> list[Column]:
+    return [
+        *_group_columns("group", round_field="round_number"),
+        col("belief_id", "id", "Belief id."),
+        *_seat_columns("selector", "selector", who="selector"),
+        *_seat_columns("candidate", "candidate", who="candidate judged"),
+        col("guess", "guess"),
+        col("correct", Case(When(guess="", then=Value(None)), When(guess=F("candidate__kind"), then=Value(True)),
+                            default=Value(False), output_field=BooleanField()),
+            "True when the guess matches the candidate's kind (False: misattribution); empty without a guess.",
+            type="boolean"),
+        col("confidence", "confidence", unit="percent"),
+        col("timed_out", "timed_out", "True when the belief phase closed before the selector answered."),
+        col("created_at", "created_at", "Server time the belief was stored (UTC)."),
+    ]
+
+
+def _questionnaire_columns() -> list[Column]:
+    columns = [
+        *_group_columns("participant__group", round_field=None),
+        col("participant_id", "participant_id", "Participant id."),
+        col("role", "participant__role", "Role of the participant: {help}", values=P.Role.values),
+        col("seat", "participant__seat"),
+        col("kind", "participant__kind"),
+    ]
+    for q in QUESTIONS:
+        kind = "integer" if q["kind"] in ("number", "scale") else "string"
+        unit = "years" if q["id"] == "age" else (f"scale {q['min']}..{q['max']}" if q["kind"] == "scale" else "")
+        columns.append(col(q["id"], KeyTransform(q["id"], "answers"), f'Answer to "{q["text"]}"', type=kind, unit=unit,
+                           values=tuple(q.get("options", ()))))
+    columns.append(col("submitted_at", "created_at", "Server time the questionnaire was submitted (UTC).",
+                       type="datetime"))
+    return columns
+
+
+def _events_columns() -> list[Column]:
+    return [
+        col("event_id", "id", "Event id (increasing in the order events were stored)."),
+        col("experiment", "session__experiment__slug", "Experiment: {help}"),
+        col("session_id", "session_id", "Session id."),
+        col("group_id", "group_id", "Group id; empty for events outside a group (joining, lobby)."),
+        col("group_number", "group__number"),
+        col("participant_id", "participant_id", "Participant the event concerns; empty for group-wide events."),
+        col("participant_seat", "participant__seat", "Seat of that participant: {help}"),
+        col("actor_id", "actor_id", "{help} (user id)."),
+        col("type", "type"),
+        col("round", "round_number", "Round of the group when the event happened."),
+        col("phase", "phase", "Phase of the group when the event happened."),
+        col("payload", Cast("payload", TextField()), "{help} (JSON object).", type="json", field="payload"),
+        col("created_at", "created_at"),
+    ]
+
+
+# The LLM call log lives in the bots app (issue 3). The table keeps its columns whether or not the
+# model exists yet, so an analyst's script never breaks on a missing file.
+LLM_CALL_MODEL = ("bots", "LLMCall")
+
+
+def llm_call_model() -> type[models.Model] | None:
+    if not apps.is_installed("bots"):
+        return None
+    try:
+        return apps.get_model(*LLM_CALL_MODEL)
+    except LookupError:
+        return None
+
+
+def _llm_source(name: str, fallback_type: str) -> Source:
+    model = llm_call_model()
+    if model is not None and _field_at(model, name) is not None:
+        return name
+    # A field the model does not have (yet) exports as empty rather than breaking the table.
+    return Value(None, output_field={"integer": IntegerField(), "number": FloatField(), "boolean": BooleanField(),
+                                     "datetime": models.DateTimeField()}.get(fallback_type, TextField()))
+
+
+LLM_COLUMNS: list[tuple[str, str, str, str, str]] = [
+    # name, source field on LLMCall, type, unit, meaning used when the field has no help_text
+    ("llm_call_id", "id", "integer", "", "LLM call id."),
+    ("experiment", "participant__session__experiment__slug", "string", "", "Experiment slug."),
+    ("session_id", "participant__session_id", "integer", "", "Session id."),
+    ("group_id", "participant__group_id", "integer", "", "Group id."),
+    ("participant_id", "participant_id", "integer", "", "Participant id of the bot seat that made the call."),
+    ("seat", "participant__seat", "string", "", "Seat of the bot."),
+    ("round", "round_number", "integer", "", "Round the call was made for."),
+    ("phase", "phase", "string", "", "Phase the call was made for."),
+    ("backend", "backend", "string", "", "Which backend answered (language model, or offline scripted)."),
+    ("model", "model", "string", "", "Model name as sent to the provider."),
+    ("base_url", "base_url", "string", "", "Provider endpoint (OpenAI-compatible base URL)."),
+    ("temperature", "temperature", "number", "", "Sampling temperature."),
+    ("seed", "seed", "integer", "", "Sampling seed sent to the provider."),
+    ("prompt", "prompt", "json", "", "Prompt as sent (the messages)."),
+    ("response", "response", "string", "", "Raw response text."),
+    ("parsed", "parsed", "json", "", "The validated structured answer."),
+    ("prompt_tokens", "prompt_tokens", "integer", "tokens", "Tokens in the prompt."),
+    ("completion_tokens", "completion_tokens", "integer", "tokens", "Tokens in the completion."),
+    ("latency_ms", "latency_ms", "integer", "milliseconds", "Time the call took."),
+    ("cost", "cost", "number", "USD", "Estimated cost of the call."),
+    ("attempt", "attempt", "integer", "", "Attempt number (1 for the first try; retries count up)."),
+    ("error", "error", "string", "", "Error, when the call failed."),
+    ("fallback", "fallback", "string", "", "Fallback policy applied when the call failed after retries."),
+    ("created_at", "created_at", "datetime", "UTC", "When the call was made (UTC)."),
+]
+
+
+def _llm_columns() -> list[Column]:
+    model = llm_call_model()
+    columns = []
+    for name, source, kind, unit, meaning in LLM_COLUMNS:
+        f = _field_at(model, source) if model is not None else None
+        typed = _type_of(f) if f is not None else kind
+        src: Source = source if f is not None else _llm_source(source, kind)
+        if typed == "json" and isinstance(src, str):
+            src = Cast(src, TextField())
+        text = "{help}" if f is not None and f.help_text else meaning
+        columns.append(col(name, src, text, type=typed, unit=unit))
+    return columns
+
+
+def _llm_session_path() -> str:
+    return "participant__session"
+
+
+TABLES: list[Table] = [
+    Table("participants", "one row per participant (seat), human or bot", lambda: Participant, "session",
+          _participants_columns, order_by=("session_id", "group__number", "role", "seat", "id")),
+    Table("choices", "one row per selector × round", lambda: Choice, "group__session", _choices_columns,
+          order_by=("group__session_id", "group__number", "round_number", "selector__seat"), prepare=_choices_prepare),
+    Table("messages", "one row per candidate × round", lambda: Message, "group__session", _messages_columns,
+          order_by=("group__session_id", "group__number", "round_number", "candidate__seat")),
+    Table("returns", "one row per return decision (a chosen candidate × a selector who chose them × round)",
+          lambda: Return, "choice__group__session", _returns_columns,
+          order_by=("choice__group__session_id", "choice__group__number", "choice__round_number", "candidate__seat",
+                    "choice__selector__seat")),
+    Table("beliefs", "one row per selector × candidate × belief round", lambda: Belief, "group__session",
+          _beliefs_columns, order_by=("group__session_id", "group__number", "round_number", "selector__seat",
+                                      "candidate__seat")),
+    Table("questionnaire", "one row per participant who submitted the post-game questionnaire",
+          lambda: QuestionnaireResponse, "participant__session", _questionnaire_columns,
+          order_by=("participant__session_id", "participant__group__number", "participant__seat", "id")),
+    Table("events", "one row per stored event (the full log of state changes)", lambda: Event, "session",
+          _events_columns, order_by=("id",)),
+    Table("llm_calls", "one row per call to a language model", llm_call_model, "participant__session", _llm_columns,
+          order_by=("id",), note="Empty until the LLM bot backend records calls."),
+]
+TABLES_BY_NAME = {t.name: t for t in TABLES}
+
+
+def table(name: str) -> Table:
+    try:
+        return TABLES_BY_NAME[name]
+    except KeyError:
+        raise ExportError(f'No table "{name}" (tables: {", ".join(TABLES_BY_NAME)}).') from None
+
+
+# ---- privacy ------------------------------------------------------------------------------------------
+
+def pseudonym(value: str | None) -> str | None:
+    """A stable, non-reversible stand-in for a recruitment id (same id → same pseudonym, per SECRET_KEY)."""
+    if not value:
+        return value
+    digest = hmac.new(settings.SECRET_KEY.encode(), b"partnerlab-recruitment-id\x00" + value.encode(), hashlib.sha256)
+    return digest.hexdigest()[:PSEUDONYM_CHARS]
+
+
+def _active_columns(t: Table, options: Options) -> list[Column]:
+    columns = []
+    for c in t.columns():
+        if c.recruitment:
+            if options.recruitment == "omit":
+                continue
+            if options.recruitment == "pseudonymise":
+                inner = c.combine
+                c = replace(c, meaning=c.meaning + " Pseudonymised: the first 16 hex digits of HMAC-SHA256 of the id, "
+                                                   "keyed with the site secret (stable across exports of this site).",
+                            combine=(lambda v, inner=inner: pseudonym(inner(v) if inner else v)))
+        columns.append(c)
+    return columns
+
+
+def columns_of(t: Table, options: Options | None = None) -> list[Resolved]:
+    """The codebook entries of a table's columns, in file order, for these options."""
+    return [resolve(t, c) for c in _active_columns(t, options or Options(recruitment="include"))]
+
+
+# ---- reading rows -------------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    queryset: models.QuerySet | None
+    names: list[str]
+    types: list[str]
+    convert: Callable[[tuple], tuple] | None = field(default=None)
+
+
+def _plan(t: Table, scope: Scope, options: Options) -> _Plan:
+    columns = _active_columns(t, options)
+    resolved = [resolve(t, c) for c in columns]
+    model = t.model()
+    if model is None:
+        return _Plan(None, [r.name for r in resolved], [r.type for r in resolved])
+    qs = model._default_manager.filter(scope.q(t.session_path))
+    if t.prepare is not None:
+        qs = t.prepare(qs)
+    fetch: list[str] = []
+    annotations: dict[str, Expression] = {}
+    slices: list[tuple[int, int]] = []
+    for c in columns:
+        start = len(fetch)
+        for source in c.sources:
+            if isinstance(source, str):
+                fetch.append(source)
+            else:
+                alias = f"x_{len(annotations)}"
+                annotations[alias] = source
+                fetch.append(alias)
+        slices.append((start, len(fetch)))
+    qs = qs.annotate(**annotations).order_by(*t.order_by).values_list(*fetch)
+    identity = all(c.combine is None and len(c.sources) == 1 for c in columns)
+    convert = None
+    if not identity:
+        steps = [(a, b, c.combine) for (a, b), c in zip(slices, columns, strict=True)]
+
+        def convert(row: tuple) -> tuple:
+            return tuple(fn(*row[a:b]) if fn else row[a] for a, b, fn in steps)
+
+    return _Plan(qs, [r.name for r in resolved], [r.type for r in resolved], convert)
+
+
+def rows(t: Table, *, scope: Scope, options: Options, chunk_size: int = CHUNK_ROWS) -> Iterator[tuple]:
+    """Every row of a table in scope, as Python values in column order, read a chunk at a time."""
+    plan = _plan(t, scope, options)
+    if plan.queryset is None:
+        return iter(())
+    it = plan.queryset.iterator(chunk_size=chunk_size)
+    return map(plan.convert, it) if plan.convert else it
+
+
+def _batches(it: Iterable[tuple], size: int) -> Iterator[list[tuple]]:
+    it = iter(it)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, datetime):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def encoded_chunks(t: Table, *, scope: Scope, options: Options, counter: dict[str, int] | None = None,
+                   chunk_size: int = CHUNK_ROWS) -> Iterator[bytes]:
+    """The table as UTF-8 bytes (header first for CSV), one chunk per ``chunk_size`` rows."""
+    plan = _plan(t, scope, options)
+    n = 0
+    if options.format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(plan.names)
+        yield buffer.getvalue().encode()
+        if plan.queryset is not None:
+            it = plan.queryset.iterator(chunk_size=chunk_size)
+            for batch in _batches(map(plan.convert, it) if plan.convert else it, chunk_size):
+                buffer.seek(0)
+                buffer.truncate()
+                writer.writerows(batch)
+                n += len(batch)
+                yield buffer.getvalue().encode()
+    else:
+        if plan.queryset is not None:
+            names = plan.names
+            json_columns = [i for i, kind in enumerate(plan.types) if kind == "json"]
+            dumps = json.JSONEncoder(ensure_ascii=False, default=_json_value).encode
+            it = plan.queryset.iterator(chunk_size=chunk_size)
+            for batch in _batches(map(plan.convert, it) if plan.convert else it, chunk_size):
+                lines = []
+                for row in batch:
+                    record = dict(zip(names, row, strict=True))
+                    for i in json_columns:
+                        text = row[i]
+                        record[names[i]] = json.loads(text) if isinstance(text, str) and text else text
+                    lines.append(dumps(record))
+                n += len(batch)
+                yield ("\n".join(lines) + "\n").encode()
+    if counter is not None:
+        counter[t.name] = n
+
+
+# ---- codebook ----------------------------------------------------------------------------------------
+
+def codebook(*, options: Options | None = None, scope: Scope | None = None, counts: dict[str, int] | None = None,
+             tables: Sequence[Table] = TABLES) -> dict[str, Any]:
+    """The codebook as data: tables, their rows, and every column with type, unit and meaning."""
+    options = options or Options(recruitment="include")
+    book: dict[str, Any] = {
+        "title": "PartnerLab data export",
+        "format": options.format,
+        "conventions": {
+            "encoding": "UTF-8",
+            "missing": "empty field in CSV, null in JSON Lines",
+            "types": TYPES,
+            "ids": "Numeric ids are the platform's database ids and link the tables (e.g. choices.selector_id = "
+                   "participants.participant_id).",
+        },
+        "recruitment_ids": {"omit": "not included", "include": "included as collected",
+                            "pseudonymise": "replaced by stable pseudonyms"}[options.recruitment],
+        "tables": [],
+    }
+    if scope is not None:
+        book["scope"] = scope.describe()
+        book["generated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    for t in tables:
+        entry: dict[str, Any] = {"name": t.name, "file": f"{t.name}.{options.format}", "row": t.row,
+                                 "columns": [c.as_dict() for c in columns_of(t, options)]}
+        if t.note:
+            entry["note"] = t.note
+        if counts is not None and t.name in counts:
+            entry["rows"] = counts[t.name]
+        book["tables"].append(entry)
+    return book
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def codebook_markdown(book: dict[str, Any]) -> str:
+    lines = [f"# {book['title']}: codebook", "",
+             "Generated from the export table definitions (`experiment/export.py`) and the models' `help_text`; "
+             "regenerate with `python manage.py codebook --out docs/codebook.md`. Do not edit by hand.", ""]
+    if "scope" in book:
+        lines += [f"Scope: `{book['scope']['label']}`. Generated at {book['generated_at']}. "
+                  f"Format: {book['format']}. Recruitment ids: {book['recruitment_ids']}.", ""]
+    conventions = book["conventions"]
+    lines += ["## Conventions", "",
+              f"- Encoding: {conventions['encoding']}; one file per table; missing values: {conventions['missing']}.",
+              f"- {conventions['ids']}", "- Types:"]
+    lines += [f"  - `{name}`: {meaning}" for name, meaning in conventions["types"].items()]
+    lines.append("")
+    for entry in book["tables"]:
+        count = f" ({entry['rows']} rows)" if "rows" in entry else ""
+        lines += [f"## `{entry['file']}`{count}", "", f"One row: {entry['row']}." + (f" {entry['note']}" if entry.get("note") else ""),
+                  "", "| column | type | unit | meaning |", "|---|---|---|---|"]
+        for c in entry["columns"]:
+            meaning = c["meaning"]
+            if c.get("values"):
+                meaning += " Values: " + ", ".join(f"`{v}`" if v else "(empty)" for v in c["values"]) + "."
+            lines.append(f"| `{c['name']}` | {c['type']} | {_md_cell(c['unit'])} | {_md_cell(meaning)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- the bundle ---------------------------------------------------------------------------------------
+
+class _Sink(io.RawIOBase):
+    """A write-only, non-seekable stream that hands out what was written since the last drain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[bytes] = []
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        self._parts.append(chunk)
+        self._position += len(chunk)
+        return len(chunk)
+
+    def tell(self) -> int:
+        return self._position
+
+    def drain(self) -> Iterator[bytes]:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            yield data
+
+
+def _snapshot() -> Any:
+    """One consistent read of every table on PostgreSQL (a running session keeps writing meanwhile)."""
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        return _Nothing()
+    return _ReadOnlySnapshot()
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _ReadOnlySnapshot:
+    def __enter__(self) -> None:
+        self._atomic = transaction.atomic()
+        self._atomic.__enter__()
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._atomic.__exit__(*exc)
+
+
+def bundle_name(scope: Scope, options: Options) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"partnerlab-{scope.label}-{options.format}-{stamp}.zip"
+
+
+def bundle_stream(*, scope: Scope, options: Options, counts: dict[str, int] | None = None) -> Iterator[bytes]:
+    """The zip bundle as a stream of byte chunks: one file per table, then codebook.md and codebook.json."""
+    counts = {} if counts is None else counts
+    sink = _Sink()
+    with _snapshot(), zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as archive:
+        for t in TABLES:
+            with archive.open(f"{t.name}.{options.format}", "w", force_zip64=True) as entry:
+                for chunk in encoded_chunks(t, scope=scope, options=options, counter=counts):
+                    entry.write(chunk)
+                    yield from sink.drain()
+        book = codebook(options=options, scope=scope, counts=counts)
+        archive.writestr("codebook.md", codebook_markdown(book))
+        archive.writestr("codebook.json", json.dumps(book, indent=2, ensure_ascii=False))
+    yield from sink.drain()
+
+
+def bundle_write(*, scope: Scope, options: Options, out: io.BufferedIOBase | Any) -> dict[str, int]:
+    """Write the bundle to a binary file object. Returns the row count of every table."""
+    counts: dict[str, int] = {}
+    for chunk in bundle_stream(scope=scope, options=options, counts=counts):
+        out.write(chunk)
+    return counts
+
+
+def tables_write(*, scope: Scope, options: Options, directory: Any) -> dict[str, int]:
+    """Write the tables and the codebook as loose files into ``directory`` (a pathlib.Path)."""
+    counts: dict[str, int] = {}
+    directory.mkdir(parents=True, exist_ok=True)
+    with _snapshot():
+        for t in TABLES:
+            with open(directory / f"{t.name}.{options.format}", "wb") as out:
+                for chunk in encoded_chunks(t, scope=scope, options=options, counter=counts):
+                    out.write(chunk)
+    book = codebook(options=options, scope=scope, counts=counts)
+    (directory / "codebook.md").write_text(codebook_markdown(book), encoding="utf-8")
+    (directory / "codebook.json").write_text(json.dumps(book, indent=2, ensure_ascii=False), encoding="utf-8")
+    return counts
+
+
+# ---- Prolific bonus file ------------------------------------------------------------------------------
+
+def prolific_bonus_rows(*, session_id: int) -> list[tuple[str, str]]:
+    """(PROLIFIC_PID, amount) for every participant of the session with a recruitment id and a bonus > 0.
+
+    Amounts are in the experiment's currency with two decimals, computed like the completion page
+    (:func:`experiment.services.bonus_of`). Prolific rejects zero bonuses, so those are left out.
+    """
+    session = Session.objects.select_related("experiment").filter(pk=session_id).first()
+    if session is None:
+        raise ExportError(f"No session with id {session_id}.")
+    rate = session.experiment.bonus_per_point
+    out = []
+    for pid, payoff in (session.participants.exclude(prolific_pid="").order_by("prolific_pid")
+                        .values_list("prolific_pid", "payoff")):
+        amount = _bonus(payoff, rate)
+        if amount is not None and amount > 0:
+            out.append((pid, f"{amount:.2f}"))
+    return out
+
+
+def prolific_bonus_csv(*, session_id: int) -> str:
+    """Prolific's bulk-bonus format: ``PROLIFIC_PID,amount`` per line, no header."""
+    return "".join(f"{pid},{amount}\n" for pid, amount in prolific_bonus_rows(session_id=session_id))
