@@ -167,7 +167,7 @@ def _design_in_use(experiment: Experiment | None) -> bool:
 class ConditionInline(admin.TabularInline):
     model = Condition
     formset = ConditionFormSet
-    fields = ["name", "disclose_identity", "disclose_from_round"]
+    fields = ["name", "disclose_identity", "disclose_from_round", "bot_profile"]
     extra = 0
     verbose_name = "condition (treatment arm)"
     verbose_name_plural = "Conditions (treatment arms): each group is assigned one, balanced across groups"
@@ -176,8 +176,12 @@ class ConditionInline(admin.TabularInline):
         # A new design starts with the DESIGN.md arms prefilled (see ExperimentAdmin.get_formset_kwargs).
         return 2 if obj is None else 0
 
+    def get_fields(self, request: HttpRequest, obj: Experiment | None = None) -> list[str]:
+        # Settings added to arms later appear too, rather than being silently left at their defaults.
+        return [*self.fields, *_leftover_fields(Condition, {*self.fields, "experiment"})]
+
     def get_readonly_fields(self, request: HttpRequest, obj: Experiment | None = None) -> list[str]:
-        return list(self.fields) if _design_in_use(obj) else []
+        return self.get_fields(request, obj) if _design_in_use(obj) else []
 
     def has_add_permission(self, request: HttpRequest, obj: Experiment | None = None) -> bool:
         return not _design_in_use(obj) and super().has_add_permission(request, obj)

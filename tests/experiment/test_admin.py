@@ -352,6 +352,17 @@ def test_session_status_set_refuses_an_unknown_status_and_repeats_nothing() -> N
     assert session.status == "open"
 
 
+def test_an_ended_session_cannot_reopen_recruitment(admin_client: Client) -> None:
+    session = factories.session_create()
+    services.session_end(session_id=session.pk, actor_id=None)
+    response = admin_client.post(reverse("admin:experiment_session_changelist"),
+                                 {"action": "recruitment_open", "_selected_action": [session.pk]}, follow=True)
+    assert "its recruitment cannot reopen" in _page(response)
+    session.refresh_from_db()
+    assert session.status == "closed"
+    assert not Event.objects.filter(type="session.status_changed").exists()
+
+
 def test_the_session_list_counts_people_by_stage(admin_client: Client) -> None:
     session = factories.session_create(label="counted")
     people = [services.participant_join(session_id=session.pk) for _ in range(3)]
