@@ -13,6 +13,7 @@ Skipped only where PostgreSQL/Redis are absent and not required; CI sets
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 import time
@@ -33,7 +34,8 @@ from tests.livestack import PYTHON, LiveSeat, Proc, Processes, all_saw, all_unti
 
 pytestmark = [pytest.mark.production_stack, pytest.mark.django_db(transaction=True)]
 
-STACK_REDIS_DB = 5  # a Redis database of its own: flushed at the start of every test
+# A Redis database of its own, flushed at the start of every test (another db for parallel runs).
+STACK_REDIS_DB = int(os.environ.get("PARTNERLAB_TEST_STACK_REDIS_DB", "5"))
 WEB_START_SECONDS = 60  # bounds, not expectations: the CI machine may be slow and shared
 WORKER_START_SECONDS = 60
 RESTART_LIMIT_SECONDS = 5.0  # issue #2: "after a restart ... overdue phases are closed within 5 seconds"
