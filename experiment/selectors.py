@@ -81,7 +81,17 @@ def _end(p: Participant) -> dict[str, Any]:
             P.Status.DROPPED: experiment.dropout_code}.get(p.status, "")
     return {"reason": p.status, "payoff": p.payoff, "bonus": str(services.bonus_of(p)), "currency": experiment.currency,
             "participation_fee": str(experiment.participation_fee), "completion_code": code,
-            "redirect_url": experiment.completion_redirect_url if code else ""}
+            "redirect_url": _redirect_for(experiment.completion_redirect_url, experiment.completion_code, code)}
+
+
+def _redirect_for(url: str, completion_code: str, code: str) -> str:
+    """The redirect for this outcome. A URL that carries the completion code (Prolific's ``?cc=…``) gets
+    the outcome's own code instead, so that nobody who did not finish is reported as complete."""
+    if not url or not code:
+        return ""
+    if code == completion_code:
+        return url
+    return url.replace(completion_code, code) if completion_code and completion_code in url else ""
 
 
 def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:

@@ -209,3 +209,13 @@ async def test_monitor_socket_refuses_non_staff(client) -> None:
                                  headers=[(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")])
     connected, _ = await comm.connect()
     assert not connected
+
+
+def test_redirect_follows_the_outcome() -> None:
+    from experiment.selectors import _redirect_for
+
+    url = "https://app.prolific.com/submissions/complete?cc=DONE1"
+    assert _redirect_for(url, "DONE1", "DONE1") == url
+    assert _redirect_for(url, "DONE1", "LOBBY9") == "https://app.prolific.com/submissions/complete?cc=LOBBY9"
+    assert _redirect_for("https://example.org/thanks", "DONE1", "LOBBY9") == ""
+    assert _redirect_for(url, "DONE1", "") == ""
