@@ -52,3 +52,17 @@ def test_production_refuses_to_start_without_its_services(missing: str) -> None:
     env = {k: v for k, v in REQUIRED.items() if k != missing}
     done = _manage("check", DJANGO_SECRET_KEY=secrets.token_urlsafe(50), **env)
     assert done.returncode != 0 and missing in done.stderr, done.stderr
+
+
+_PROBE = """
+from django.test import Client
+c = Client(HTTP_HOST="partnerlab.example.org")
+print(c.get("/healthz").status_code, c.get("/join/abc/").status_code, c.get("/join/abc/").headers.get("Location"))
+"""
+
+
+def test_https_redirect_spares_only_the_health_check() -> None:
+    """Plain-HTTP requests are sent to https, except the load balancer's probe of /healthz."""
+    done = _manage("shell", "-c", _PROBE, DJANGO_SECRET_KEY=secrets.token_urlsafe(50), **REQUIRED)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].split() == ["200", "301", "https://partnerlab.example.org/join/abc/"], done.stdout
