@@ -3,9 +3,14 @@ automated seats' jobs at once, and a fingerprint of everything stored (to prove 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
+from channels.db import database_sync_to_async
+from django.db import connections
 from django.db.models import Max
 from django.utils import timezone
 
@@ -31,6 +36,33 @@ P = Participant
 
 # 2 human selectors, 1 human + 1 bot candidate: the smallest group that still has a bot and a choice.
 SMALL = {"n_selectors": 2, "n_bot_selectors": 0, "n_candidates": 2, "n_bot_candidates": 1}
+
+
+def db(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``database_sync_to_async`` that closes the connection it used before returning.
+
+    asgiref runs the function inside a copy of the caller's context while channels closes old
+    connections outside it, so a connection opened here could outlive the test and block
+    pytest-django from dropping the test database.
+    """
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            connections.close_all()
+
+    return database_sync_to_async(run)
+
+
+@pytest.fixture(autouse=True)
+async def executor_connections_closed():
+    """After a test, close what the consumers' shared worker thread left open (see :func:`db`).
+
+    Import it into a test module to use it (autouse applies where the name is visible).
+    """
+    yield
+    await database_sync_to_async(connections.close_all)()
 
 
 def experiment_small(**fields: Any) -> Experiment:

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import pytest
-from channels.db import database_sync_to_async
 from django.test import Client
 
 from experiment import services
@@ -18,8 +17,9 @@ from tests.experiment import gamekit
 from tests.wsclient import Seat
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
+executor_connections_closed = gamekit.executor_connections_closed
 P = Participant
-db = database_sync_to_async
+db = gamekit.db
 
 
 async def _refused(seat: Seat, message: Any, code: str, session_id: int, *, binary: bool = False) -> dict[str, Any]:

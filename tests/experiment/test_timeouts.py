@@ -10,7 +10,6 @@ import time
 from datetime import timedelta
 
 import pytest
-from channels.db import database_sync_to_async
 from django.utils import timezone
 
 from experiment import game, services
@@ -22,6 +21,7 @@ from tests import factories
 from tests.experiment import gamekit
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
+executor_connections_closed = gamekit.executor_connections_closed
 P = Participant
 
 
@@ -218,14 +218,14 @@ def test_with_policy_bot_a_scripted_bot_takes_the_seat_and_plays() -> None:
 # ---- nobody watching ----------------------------------------------------------------------------------------
 
 async def test_a_group_whose_humans_all_vanish_still_finishes(scheduler) -> None:
-    @database_sync_to_async
+    @gamekit.db
     def start() -> Group:
         # Everyone went through the lobby, then closed their browser: no websocket is open at all.
         return gamekit.group_start(n_rounds=2, belief_rounds="last", **factories.FAST)
 
     group = await start()
 
-    @database_sync_to_async
+    @gamekit.db
     def status() -> str:
         return gamekit.fresh(group).status
 
@@ -234,7 +234,7 @@ async def test_a_group_whose_humans_all_vanish_still_finishes(scheduler) -> None
         assert time.monotonic() - started < 90, "the group stalled"
         await asyncio.sleep(0.5)
 
-    @database_sync_to_async
+    @gamekit.db
     def check() -> None:
         seats = gamekit.seats(group)
         for r in (1, 2):
