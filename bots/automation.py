@@ -22,8 +22,10 @@ P = Participant
 
 
 def bot_controller(group: Group) -> str:
-    """Who plays a bot seat (or a seat a bot takes over) in this group."""
-    return P.Controller.SCRIPTED
+    """Who plays a bot seat (or a seat a bot takes over) in this group: the arm's language model when this
+    process can call it (its key is set, or it needs none), else the offline scripted bot."""
+    profile = group.condition.bot_profile
+    return P.Controller.LLM if profile is not None and profile.ready else P.Controller.SCRIPTED
 
 
 def policy_for(participant: Participant) -> Policy:
@@ -37,9 +39,14 @@ def _rng(participant: Participant, group: Group, purpose: str):
 
 
 def schedule_seats(*, group: Group, params: game.Params, pending: list[Participant], now: datetime) -> None:
-    """Schedule one ``seat_act`` job per automated seat that owes an action. Call holding the group lock."""
+    """Schedule one ``seat_act`` (``llm_decide`` for LLM seats) job per automated seat that owes an action.
+    Call holding the group lock."""
     duration = params.durations[game.Phase(group.phase)]
     for p in {p.pk: p for p in pending if p.is_automated}.values():
+        if p.controller == P.Controller.LLM:
+            # The model is asked at once, in a worker; bots.decisions releases its answer after a human-like delay.
+            schedule("llm_decide", participant_id=p.pk, round_number=group.round_number, phase=group.phase)
+            continue
         delay = policy_for(p).delay(group.phase, duration, _rng(p, group, "delay"))
         at = min(now + timedelta(seconds=delay), group.phase_deadline - timedelta(seconds=0.2))
         schedule("seat_act", at=at, participant_id=p.pk, round_number=group.round_number, phase=group.phase)

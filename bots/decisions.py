@@ -1,0 +1,468 @@
+"""Language-model turns: claim the turn, ask the model outside every lock, record, decide, release later.
+
+The life of one turn (one LLM seat, one round, one phase), in the order things happen:
+
+1. The phase opens; ``bots.automation.schedule_seats`` schedules the ``llm_decide`` job at once.
+2. :func:`claim` creates (or takes over) the seat's :class:`~bots.models.BotDecision` row, under a
+   lease, and renders the seat's view into chat messages. A second copy of the job (a redelivered
+   Celery task, a retry racing a redelivery) finds the row and backs off or stops: one decision per turn.
+3. The model is called with no lock and no transaction open (sync client in Celery workers; on the
+   embedded default, the async client on :data:`background`, so waiting never holds a thread).
+4. :func:`call_close` records the attempt as an :class:`~bots.models.LLMCall` and validates the reply
+   with the game's own rules. Invalid: one corrective retry, then the profile's fallback. Failed
+   request: a retry scheduled after the endpoint's ``Retry-After`` (or exponential backoff) while the
+   profile's retries and the phase's time allow, then the fallback.
+5. :func:`decide` stores the decision and schedules ``llm_apply`` at the human-like release time
+   (profile delay + typing time, never after the deadline). A decision made after the phase closed
+   is recorded as ``late`` and not applied.
+6. :func:`apply` sends the decision through ``experiment.actions.dispatch(..., automated=True)``:
+   the same validation and services as a person's input; unique constraints catch any duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from django.db import close_old_connections, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from bots import llm, prompts
+from bots.models import BotDecision, BotProfile, LLMCall
+from bots.policy import human_like_delay
+from bots.scripted import ScriptedBot
+from bots.selectors import candidate_history
+from experiment import events, game
+from experiment.game import RuleError
+from experiment.models import Event, Group, Participant
+from experiment.scheduling import schedule, submit
+
+logger = logging.getLogger(__name__)
+P = Participant
+T = TypeVar("T")
+
+LEASE_MARGIN = 5.0  # seconds a claim outlives its request's timeout before another worker may take over
+APPLY_MARGIN = 0.3  # the latest release is this long before the deadline
+MIN_RETRY_ROOM = 1.0  # no retry that would start less than this before the deadline
+BACKOFF_BASE, BACKOFF_CAP = 1.0, 20.0
+CLOSED_CODES = {"wrong_phase", "phase_closed", "game_over"}
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    """Run the turn's job again at ``at`` (the lease of another worker, or a backoff after a failure)."""
+
+    at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class Correct:
+    """Ask again with these messages (the original ones, the invalid reply and what to fix)."""
+
+    messages: list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything one run of a turn needs, read once at the claim."""
+
+    decision_id: int
+    participant_id: int
+    session_id: int
+    group_id: int
+    group_seed: int
+    seat: str
+    round_number: int
+    phase: str
+    phase_started: datetime
+    deadline: datetime
+    state: dict[str, Any]
+    profile_id: int | None
+    fallback: str
+    delay: tuple[float, float]
+    typing_cps: float
+    max_retries: int
+    settings: llm.LLMSettings | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    response_format: dict[str, Any] | None = None
+    problem: str = ""  # why the model cannot be asked at all (no profile, no key): the fallback acts
+
+    def rng(self, purpose: str) -> random.Random:
+        return game.rng(self.group_seed, purpose, self.seat, self.round_number, self.phase)
+
+
+# ---- 2. claim -----------------------------------------------------------------------------------------
+
+def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | RetryAt | None:
+    """Take the turn (or find that someone holds it, or that there is nothing left to do)."""
+    from experiment.selectors import seat_state
+
+    now = timezone.now()
+    with transaction.atomic():
+        p = (Participant.objects.select_related("group__condition__bot_profile", "session__experiment")
+             .filter(pk=participant_id).first())
+        group = p.group if p else None
+        if p is None or group is None or p.controller != P.Controller.LLM:
+            return None
+        if (group.status != Group.Status.PLAYING or (group.round_number, group.phase) != (round_number, phase)
+                or (group.phase_deadline is not None and now >= group.phase_deadline)):
+            # The phase ended without a decision (its default applied). A turn nobody is working on is closed;
+            # one still waiting for its model is left alone so that its answer is recorded as late.
+            BotDecision.objects.filter(participant=p, round_number=round_number, phase=phase,
+                                       status=BotDecision.Status.DECIDING).filter(
+                Q(lease_until__isnull=True) | Q(lease_until__lte=now)).update(
+                status=BotDecision.Status.SKIPPED, applied_at=now, lease_until=None,
+                outcome={"skipped": "The phase closed before a decision was made."})
+            return None
+        decision, created = BotDecision.objects.select_for_update().get_or_create(
+            participant=p, round_number=round_number, phase=phase,
+            defaults={"group": group, "session_id": p.session_id, "profile": group.condition.bot_profile})
+        if not created:
+            if decision.status == BotDecision.Status.DECIDED:
+                # The release may never have been scheduled (worker lost between commit and publish).
+                schedule("llm_apply", at=decision.apply_at, decision_id=decision.pk)
+                return None
+            if decision.status != BotDecision.Status.DECIDING:
+                return None
+            if decision.lease_until is not None and decision.lease_until > now:
+                return RetryAt(decision.lease_until, "busy")
+            lost = decision.calls.filter(status=LLMCall.Status.PENDING).update(
+                status=LLMCall.Status.ERROR, error_class="WorkerLost", finished_at=now,
+                error_message="The worker stopped before the reply arrived; the redelivered task took over.")
+            if lost:
+                logger.info("turn %s taken over after a lost worker", decision.pk)
+        state = seat_state(p.pk, for_controller=True)
+        g = state.get("game")
+        if not g or not g.get("todo") or (g["round"], g["phase"]) != (round_number, phase):
+            decision.status, decision.applied_at, decision.lease_until = BotDecision.Status.SKIPPED, now, None
+            decision.save(update_fields=["status", "applied_at", "lease_until"])
+            return None
+        profile: BotProfile | None = decision.profile or group.condition.bot_profile
+        plan = Plan(
+            decision_id=decision.pk, participant_id=p.pk, session_id=p.session_id, group_id=group.pk, group_seed=group.seed,
+            seat=p.seat, round_number=round_number, phase=phase, phase_started=group.phase_started_at or now,
+            deadline=group.phase_deadline or now + timedelta(seconds=60), state=state,
+            profile_id=profile.pk if profile else None,
+            fallback=profile.fallback if profile else BotProfile.Fallback.SCRIPTED,
+            delay=(profile.delay_min, profile.delay_max) if profile else (4.0, 15.0),
+            typing_cps=profile.typing_cps if profile else 8.0, max_retries=profile.max_retries if profile else 0,
+        )
+        if profile is None:
+            return _with_problem(plan, decision, "This arm has no bot profile any more.")
+        try:
+            settings = llm.LLMSettings.from_profile(profile)
+        except llm.MissingKey as exc:
+            LLMCall.objects.create(**_call_fields(plan), model=profile.model, status=LLMCall.Status.ERROR,
+                                   error_class="MissingKey", error_message=str(exc), finished_at=now)
+            return _with_problem(plan, decision, str(exc))
+        history = candidate_history(participant_id=p.pk, before_round=round_number) if p.role == P.Role.CANDIDATE else []
+        messages = prompts.messages_for(persona=profile.system_prompt, instructions=p.session.experiment.instructions_text,
+                                        state=state, history=history, now=now)
+        name, schema = prompts.schema_for(state)
+        decision.lease_until = now + timedelta(seconds=settings.timeout + LEASE_MARGIN)
+        decision.save(update_fields=["lease_until"])
+        return replace(plan, settings=settings, messages=messages, response_format=settings.response_format(name, schema))
+
+
+def _with_problem(plan: Plan, decision: BotDecision, problem: str) -> Plan:
+    decision.lease_until = timezone.now() + timedelta(seconds=LEASE_MARGIN)
+    decision.save(update_fields=["lease_until"])
+    return replace(plan, problem=problem)
+
+
+def _call_fields(plan: Plan) -> dict[str, Any]:
+    return {"participant_id": plan.participant_id, "group_id": plan.group_id, "session_id": plan.session_id,
+            "decision_id": plan.decision_id, "profile_id": plan.profile_id, "round_number": plan.round_number,
+            "phase": plan.phase}
+
+
+# ---- 3./4. one attempt ---------------------------------------------------------------------------------
+
+def call_open(plan: Plan, messages: list[dict[str, str]], purpose: str) -> int | None:
+    """Record the request before it is sent (so a worker killed mid-call leaves a trace). None: turn lost."""
+    assert plan.settings is not None
+    now = timezone.now()
+    with transaction.atomic():
+        renewed = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(
+            lease_until=now + timedelta(seconds=plan.settings.timeout + LEASE_MARGIN))
+        if not renewed:
+            return None
+        attempt = LLMCall.objects.filter(decision_id=plan.decision_id).exclude(error_class="MissingKey").count() + 1
+        call = LLMCall.objects.create(**_call_fields(plan), attempt=attempt, purpose=purpose, request_messages=messages,
+                                      response_format=plan.response_format, model=plan.settings.model,
+                                      parameters=plan.settings.parameters())
+    return call.pk
+
+
+def call_close(plan: Plan, call_id: int, messages: list[dict[str, str]], result: llm.ChatResult) -> Correct | RetryAt | None:
+    """Record the reply (or failure) and say what happens next."""
+    now = timezone.now()
+    profile = BotProfile.objects.filter(pk=plan.profile_id).first()
+    cost = profile.cost_of(result.tokens_in, result.tokens_out) if profile else 0
+    call = LLMCall.objects.get(pk=call_id)
+    call.raw_reply, call.refusal = result.text or "", result.refusal or ""
+    call.tokens_in, call.tokens_out, call.cost, call.latency_ms = result.tokens_in, result.tokens_out, cost, result.latency_ms
+    call.model_reported, call.http_status, call.finished_at = result.model[:200], result.http_status, now
+    if not result.ok:
+        call.status, call.error_class, call.error_message = LLMCall.Status.ERROR, result.error_class, result.error_message
+        call.save()
+        failures = LLMCall.objects.filter(decision_id=plan.decision_id, status=LLMCall.Status.ERROR).exclude(
+            error_class__in=["WorkerLost", "MissingKey"]).count()
+        if result.transient and failures <= plan.max_retries:
+            wait = result.retry_after if result.retry_after is not None else backoff(failures, plan.rng(f"backoff-{failures}"))
+            at = now + timedelta(seconds=wait)
+            if at + timedelta(seconds=MIN_RETRY_ROOM) < plan.deadline:
+                # Until the retry runs, the turn stays ours: a redelivered copy waits instead of calling too.
+                BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(lease_until=at)
+                return RetryAt(at, result.error_class)
+        return fallback(plan, f"{result.error_class}: {result.error_message}")
+    try:
+        actions = prompts.interpret(plan.state, result.text, result.refusal)
+    except prompts.InvalidAnswer as exc:
+        call.status = LLMCall.Status.INVALID
+        call.error_class = "Refusal" if exc.code == "refusal" else "InvalidAnswer"
+        call.error_message = f"{exc.code}: {exc.message}"
+        call.save()
+        invalid = LLMCall.objects.filter(decision_id=plan.decision_id, status=LLMCall.Status.INVALID).count()
+        if invalid < 2:
+            return Correct([*messages, {"role": "assistant", "content": result.text or result.refusal or ""},
+                            {"role": "user", "content": prompts.correction(exc.message)}])
+        return fallback(plan, f"two invalid answers (last: {exc.message})")
+    call.status, call.parsed = LLMCall.Status.OK, actions
+    call.save()
+    decide(plan, actions, source=BotDecision.Source.LLM, call_id=call.pk)
+    return None
+
+
+def backoff(failures: int, rng: random.Random) -> float:
+    """Exponential backoff with jitter, for failures that came without a Retry-After."""
+    return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1)) * rng.uniform(0.8, 1.2)
+
+
+# ---- 4./5. fallback and decision -----------------------------------------------------------------------
+
+def _event(plan: Plan, type: str, payload: dict[str, Any]) -> None:
+    Event.objects.create(session_id=plan.session_id, group_id=plan.group_id, participant_id=plan.participant_id, type=type,
+                         round_number=plan.round_number, phase=plan.phase, payload=payload)
+    events.monitor_on_commit(plan.session_id, plan.group_id)
+
+
+def fallback(plan: Plan, reason: str) -> None:
+    """The profile's fallback policy: the scripted bot decides, or nothing does and the phase default applies."""
+    with transaction.atomic():
+        _event(plan, "bot.fallback", {"policy": plan.fallback, "reason": reason[:500]})
+        if plan.fallback == BotProfile.Fallback.SCRIPTED:
+            actions = ScriptedBot().decide(plan.state, plan.rng("decide"))
+            decide(plan, actions, source=BotDecision.Source.SCRIPTED, call_id=None)
+            return
+        updated = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(
+            status=BotDecision.Status.DEFAULTED, lease_until=None, decided_at=timezone.now(), outcome={"reason": reason[:500]})
+        if not updated:
+            transaction.set_rollback(True)
+
+
+def release_time(plan: Plan, actions: list[dict[str, Any]], now: datetime) -> datetime:
+    """Human-like: the profile's delay after the phase opened, plus typing time for a message; never late."""
+    duration = max(1.0, (plan.deadline - plan.phase_started).total_seconds())
+    delay = human_like_delay(plan.delay[0], plan.delay[1], duration, plan.rng("llm-delay"))
+    typed = sum(len(a.get("text") or "") for a in actions if a.get("type") == "pitch.submit")
+    at = plan.phase_started + timedelta(seconds=delay + typed / max(plan.typing_cps, 0.1))
+    latest = plan.deadline - timedelta(seconds=APPLY_MARGIN)
+    return max(now, min(at, latest))
+
+
+def decide(plan: Plan, actions: list[dict[str, Any]], *, source: str, call_id: int | None) -> None:
+    """Store the decision and schedule its release, or record it as late when the phase has closed."""
+    with transaction.atomic():
+        d = BotDecision.objects.select_for_update().get(pk=plan.decision_id)
+        if d.status != BotDecision.Status.DECIDING:
+            return  # another worker finished this turn first; this call stays recorded, not applied
+        group = Group.objects.get(pk=plan.group_id)
+        now = timezone.now()
+        open_now = (group.status == Group.Status.PLAYING and (group.round_number, group.phase) == (plan.round_number, plan.phase)
+                    and (group.phase_deadline is None or now < group.phase_deadline))
+        d.actions, d.source, d.decided_at, d.lease_until = actions, source, now, None
+        if open_now:
+            d.status, d.apply_at = BotDecision.Status.DECIDED, release_time(plan, actions, now)
+            schedule("llm_apply", at=d.apply_at, decision_id=d.pk)
+        else:
+            d.status, d.applied_at = BotDecision.Status.LATE, now
+            d.outcome = {"late": "The phase had closed when the decision arrived."}
+            if call_id is not None:
+                LLMCall.objects.filter(pk=call_id).update(status=LLMCall.Status.LATE)
+            _event(plan, "bot.late", {"source": source, "decided_at": now.isoformat()})
+        d.save()
+
+
+# ---- 6. release -----------------------------------------------------------------------------------------
+
+def apply(*, decision_id: int) -> None:
+    """Send a decided turn's actions through the game services. Idempotent."""
+    from experiment import actions as protocol
+
+    with transaction.atomic():
+        d = BotDecision.objects.select_for_update().filter(pk=decision_id).first()
+        if d is None or d.status != BotDecision.Status.DECIDED:
+            return
+        outcome: dict[str, Any] = {}
+        applied = closed = False
+        for i, action in enumerate(d.actions):
+            try:
+                protocol.dispatch(d.participant_id, action, automated=True)
+            except RuleError as exc:
+                outcome[str(i)] = {"code": exc.code, "message": exc.message}
+                if exc.code == "already_submitted":
+                    applied = True  # a duplicate release: the first one counts
+                closed = closed or exc.code in CLOSED_CODES
+            else:
+                outcome[str(i)] = "applied"
+                applied = True
+        now = timezone.now()
+        d.status = BotDecision.Status.APPLIED if applied or not closed else BotDecision.Status.LATE
+        d.outcome, d.applied_at = outcome, now
+        d.save(update_fields=["status", "outcome", "applied_at"])
+        ok_calls = LLMCall.objects.filter(decision=d, status=LLMCall.Status.OK)
+        if d.status == BotDecision.Status.APPLIED:
+            ok_calls.update(applied=True)
+        else:
+            ok_calls.update(status=LLMCall.Status.LATE)
+        if any(v != "applied" for v in outcome.values()):
+            Event.objects.create(session_id=d.session_id, group_id=d.group_id, participant_id=d.participant_id,
+                                 type="bot.rejected", round_number=d.round_number, phase=d.phase, payload={"outcome": outcome})
+
+
+# ---- drivers: the same steps, synchronous (Celery) or on an event loop (embedded default) -----------------
+
+def decide_now(*, participant_id: int, round_number: int, phase: str) -> RetryAt | None:
+    """Run the turn in this thread (a Celery worker). Returns when to run again, if needed."""
+    plan = claim(participant_id=participant_id, round_number=round_number, phase=phase)
+    if not isinstance(plan, Plan):
+        return plan
+    if plan.problem:
+        fallback(plan, plan.problem)
+        return None
+    assert plan.settings is not None
+    messages, purpose = plan.messages, LLMCall.Purpose.DECIDE
+    while True:
+        call_id = call_open(plan, messages, purpose)
+        if call_id is None:
+            return None
+        result = llm.complete(plan.settings, messages, plan.response_format)
+        step = call_close(plan, call_id, messages, result)
+        if not isinstance(step, Correct):
+            return step
+        messages, purpose = step.messages, LLMCall.Purpose.CORRECTION
+
+
+def _db_step(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    close_old_connections()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        close_old_connections()
+
+
+async def decide_async(*, participant_id: int, round_number: int, phase: str) -> RetryAt | None:
+    """The same turn on an event loop: database steps in a small thread pool, the model call awaited."""
+    db = background.db
+    plan = await db(claim, participant_id=participant_id, round_number=round_number, phase=phase)
+    if not isinstance(plan, Plan):
+        return plan
+    if plan.problem:
+        await db(fallback, plan, plan.problem)
+        return None
+    assert plan.settings is not None
+    messages, purpose = plan.messages, LLMCall.Purpose.DECIDE
+    while True:
+        call_id = await db(call_open, plan, messages, purpose)
+        if call_id is None:
+            return None
+        result = await llm.acomplete(plan.settings, messages, plan.response_format)
+        step = await db(call_close, plan, call_id, messages, result)
+        if not isinstance(step, Correct):
+            return step
+        messages, purpose = step.messages, LLMCall.Purpose.CORRECTION
+
+
+class Background:
+    """An event loop in a daemon thread where the embedded default's LLM turns wait on the network.
+
+    The in-process scheduler runs jobs in a handful of threads; a job that waited for a model there
+    would hold one for seconds and could delay phase deadlines. Here hundreds of turns wait at once on
+    one loop, and only their short database steps borrow a thread.
+    """
+
+    def __init__(self, *, db_threads: int = 4) -> None:
+        self._db_threads = db_threads
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._futures: set[concurrent.futures.Future[Any]] = set()
+
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                self._executor = concurrent.futures.ThreadPoolExecutor(self._db_threads, thread_name_prefix="llm-db")
+                threading.Thread(target=loop.run_forever, name="llm-loop", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: _db_step(fn, *args, **kwargs))
+
+    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        future = asyncio.run_coroutine_threadsafe(coro, self._ensure())
+        with self._lock:
+            self._futures.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._futures.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            logger.error("LLM turn failed", exc_info=future.exception())
+
+    def busy(self) -> int:
+        with self._lock:
+            return len(self._futures)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no turn is running (tests). True when idle."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = list(self._futures)
+            if not pending:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            concurrent.futures.wait(pending, timeout=left)
+
+
+background = Background()
+
+
+async def _turn(participant_id: int, round_number: int, phase: str) -> None:
+    step = await decide_async(participant_id=participant_id, round_number=round_number, phase=phase)
+    if step is not None:
+        submit("llm_decide", at=step.at, participant_id=participant_id, round_number=round_number, phase=phase)
+
+
+def decide_in_background(*, participant_id: int, round_number: int, phase: str) -> None:
+    """The embedded default's ``llm_decide`` job: hand the turn to :data:`background` and return at once."""
+    background.submit(_turn(participant_id, round_number, phase))
+

@@ -1,0 +1,230 @@
+"""A small typed wrapper around the ``openai`` client: one chat completion in, one :class:`ChatResult` out.
+
+It never raises for a failed request: the result carries the error class, a message in plain words,
+the HTTP status and ``Retry-After``, and whether trying again can help (``transient``). The client is
+built with ``max_retries=0`` so that every retry is ours: recorded, bounded by the phase deadline and
+spaced by the endpoint's ``Retry-After``.
+
+Clients are cached (connection pools are expensive): sync clients per process, async clients per
+event loop. The async client uses the aiohttp transport, which keeps hundreds of concurrent calls
+cheap (``bench/bots.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import openai
+
+if TYPE_CHECKING:
+    from bots.models import BotProfile
+
+# Sent to keyless local endpoints (vLLM, Ollama): the client insists on some key, they ignore it.
+KEYLESS_PLACEHOLDER = "not-needed"
+MAX_RETRY_AFTER = 120.0
+
+
+class MissingKey(RuntimeError):
+    """The profile needs a key and its environment variable is not set in this process."""
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """Everything a request needs, resolved from a profile (the key from the environment)."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    max_tokens: int = 400
+    max_tokens_param: str = "max_completion_tokens"
+    response_format_mode: str = "json_schema"
+    timeout: float = 20.0
+
+    @classmethod
+    def from_profile(cls, profile: BotProfile, *, timeout: float | None = None) -> LLMSettings:
+        key = profile.api_key()
+        if key is None and profile.requires_key:
+            raise MissingKey(f"The environment variable {profile.api_key_env} (the API key of profile "
+                             f"{profile.name!r}) is not set in this process.")
+        return cls(base_url=profile.base_url, api_key=key or KEYLESS_PLACEHOLDER, model=profile.model,
+                   temperature=profile.temperature, top_p=profile.top_p, seed=profile.seed,
+                   max_tokens=profile.max_tokens, max_tokens_param=profile.max_tokens_param,
+                   response_format_mode=profile.response_format,
+                   timeout=profile.timeout_seconds if timeout is None else timeout)
+
+    def parameters(self) -> dict[str, Any]:
+        """What is recorded with each call (never the key)."""
+        return {"base_url": self.base_url, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                self.max_tokens_param: self.max_tokens, "response_format": self.response_format_mode,
+                "timeout_seconds": self.timeout}
+
+    def response_format(self, schema_name: str, schema: dict[str, Any]) -> dict[str, Any] | None:
+        if self.response_format_mode == "json_schema":
+            return {"type": "json_schema", "json_schema": {"name": schema_name, "strict": True, "schema": schema}}
+        if self.response_format_mode == "json_object":
+            return {"type": "json_object"}
+        return None
+
+    def request(self, messages: list[dict[str, Any]], response_format: dict[str, Any] | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, self.max_tokens_param: self.max_tokens}
+        for name in ("temperature", "top_p", "seed"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        return kwargs
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str | None = None
+    refusal: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_ms: int = 0
+    model: str = ""
+    finish_reason: str | None = None
+    error_class: str = ""
+    error_message: str = ""
+    http_status: int | None = None
+    retry_after: float | None = None
+    transient: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.error_class
+
+
+# ---- clients ---------------------------------------------------------------------------------------
+
+_sync_clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+_async_clients: dict[tuple[int, str, str, float], openai.AsyncOpenAI] = {}
+_lock = threading.Lock()
+
+
+def sync_client(settings: LLMSettings) -> openai.OpenAI:
+    key = (settings.base_url, settings.api_key, settings.timeout)
+    with _lock:
+        client = _sync_clients.get(key)
+        if client is None:
+            client = _sync_clients[key] = openai.OpenAI(base_url=settings.base_url, api_key=settings.api_key,
+                                                        timeout=settings.timeout, max_retries=0)
+        return client
+
+
+def async_client(settings: LLMSettings) -> openai.AsyncOpenAI:
+    """The client for the running event loop (an aiohttp session cannot move between loops)."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), settings.base_url, settings.api_key, settings.timeout)
+    client = _async_clients.get(key)
+    if client is None:
+        client = _async_clients[key] = openai.AsyncOpenAI(
+            base_url=settings.base_url, api_key=settings.api_key, timeout=settings.timeout, max_retries=0,
+            http_client=openai.DefaultAioHttpClient(timeout=settings.timeout))
+    return client
+
+
+async def close_async_clients() -> None:
+    """Close the clients of the running loop (call before the loop stops)."""
+    loop_id = id(asyncio.get_running_loop())
+    for key in [k for k in _async_clients if k[0] == loop_id]:
+        await _async_clients.pop(key).close()
+
+
+# ---- calls -------------------------------------------------------------------------------------------
+
+def complete(settings: LLMSettings, messages: list[dict[str, Any]], response_format: dict[str, Any] | None) -> ChatResult:
+    """One chat completion, synchronously (Celery workers, the admin's test button)."""
+    started = time.perf_counter()
+    try:
+        completion = sync_client(settings).chat.completions.create(**settings.request(messages, response_format))
+    except Exception as exc:
+        return failure(exc, settings, started)
+    return success(completion, started)
+
+
+async def acomplete(settings: LLMSettings, messages: list[dict[str, Any]],
+                    response_format: dict[str, Any] | None) -> ChatResult:
+    """One chat completion on the running event loop (the embedded default, benchmarks)."""
+    started = time.perf_counter()
+    try:
+        completion = await async_client(settings).chat.completions.create(**settings.request(messages, response_format))
+    except Exception as exc:
+        return failure(exc, settings, started)
+    return success(completion, started)
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)
+
+
+def success(completion: Any, started: float) -> ChatResult:
+    usage = getattr(completion, "usage", None)
+    choices = getattr(completion, "choices", None) or []
+    if not choices:
+        return ChatResult(latency_ms=_elapsed_ms(started), error_class="EmptyReply",
+                          error_message="The endpoint answered without any choice.")
+    message = choices[0].message
+    return ChatResult(
+        text=message.content, refusal=getattr(message, "refusal", None),
+        tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0), tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
+        latency_ms=_elapsed_ms(started), model=getattr(completion, "model", "") or "",
+        finish_reason=choices[0].finish_reason,
+    )
+
+
+def failure(exc: BaseException, settings: LLMSettings, started: float) -> ChatResult:
+    """Describe a failed request in plain words, and say whether retrying can help."""
+    latency = _elapsed_ms(started)
+    name = type(exc).__name__
+    if isinstance(exc, openai.APITimeoutError):
+        return ChatResult(latency_ms=latency, error_class=name, transient=True,
+                          error_message=f"No reply from {settings.base_url} within {settings.timeout:g} s.")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        detail = f" ({type(cause).__name__}: {cause})" if cause else ""
+        return ChatResult(latency_ms=latency, error_class=name, transient=True,
+                          error_message=f"Could not talk to {settings.base_url}: the connection failed or was cut{detail}. "
+                                        "Is the server running and the base URL right?")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retry_after = retry_after_seconds(exc.response.headers)
+        transient = status in (408, 409, 429) or status >= 500
+        hint = {401: " The endpoint refused the API key: check the key's environment variable.",
+                403: " The key is not allowed to use this model or endpoint.",
+                404: f" The model {settings.model!r} or the URL was not found: check the model name and base URL.",
+                429: " The endpoint is rate-limiting requests.",
+                }.get(status, " The endpoint failed." if status >= 500 else "")
+        return ChatResult(latency_ms=latency, error_class=name, http_status=status, retry_after=retry_after,
+                          transient=transient, error_message=f"HTTP {status}: {exc.message}.{hint}".replace("..", "."))
+    return ChatResult(latency_ms=latency, error_class=name, error_message=f"Unexpected failure: {exc}")
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Seconds the endpoint asks us to wait (``retry-after-ms``, ``retry-after`` seconds or HTTP date)."""
+    try:
+        millis = headers.get("retry-after-ms")
+        if millis is not None:
+            return min(MAX_RETRY_AFTER, max(0.0, float(millis) / 1000))
+        value = headers.get("retry-after")
+    except (AttributeError, ValueError):
+        return None
+    if value is None:
+        return None
+    try:
+        return min(MAX_RETRY_AFTER, max(0.0, float(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return min(MAX_RETRY_AFTER, max(0.0, when.timestamp() - time.time()))

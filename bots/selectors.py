@@ -1,0 +1,62 @@
+"""Reads for the bots app: a seat's own past rounds (what its player has seen), and LLM spend."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import Any
+
+from django.db.models import Avg, Count, Q, Sum
+
+from bots.models import BotDecision, LLMCall
+from experiment.models import Choice, Message, Participant, RoundPayoff
+
+
+def candidate_history(*, participant_id: int, before_round: int) -> list[dict[str, Any]]:
+    """A candidate's earlier rounds as its player saw them in the return and feedback phases.
+
+    Selectors need nothing extra: their per-candidate history is already in ``seat_state``.
+    """
+    messages = dict(Message.objects.filter(candidate_id=participant_id, round_number__lt=before_round)
+                    .values_list("round_number", "text"))
+    points = dict(RoundPayoff.objects.filter(participant_id=participant_id, round_number__lt=before_round)
+                  .values_list("round_number", "points"))
+    chosen: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for c in (Choice.objects.filter(candidate_id=participant_id, round_number__lt=before_round)
+              .select_related("selector", "return_decision").order_by("round_number", "selector__seat")):
+        returned = getattr(c, "return_decision", None)
+        chosen[c.round_number].append({"selector": c.selector.public_name, "sent": c.sent, "you_received": c.multiplied,
+                                       "you_returned": returned.returned if returned else 0})
+    return [{"round": r, "your_message": messages.get(r, ""), "chosen_by": chosen.get(r, []), "you_earned": points.get(r, 0)}
+            for r in sorted(set(messages) | set(points) | set(chosen))]
+
+
+def llm_spend(*, session_id: int) -> dict[str, Any]:
+    """Tokens, cost, errors and latency of a session's LLM calls, per bot profile and in total.
+
+    Shape: ``{"profiles": [row, …], "total": row | None}``; a row has ``profile``, ``model``, ``calls``,
+    ``tokens_in``, ``tokens_out``, ``cost`` (Decimal, USD), ``errors``, ``error_rate`` (0..1),
+    ``mean_latency_ms``, and ``decisions`` by source (``llm`` / ``scripted`` fallback / ``defaulted``).
+    """
+    calls = LLMCall.objects.filter(session_id=session_id)
+    failed = Q(status__in=[LLMCall.Status.ERROR, LLMCall.Status.INVALID])
+    aggregates = {"calls": Count("id"), "tokens_in": Sum("tokens_in"), "tokens_out": Sum("tokens_out"), "cost": Sum("cost"),
+                  "errors": Count("id", filter=failed), "mean_latency_ms": Avg("latency_ms")}
+
+    def row(values: dict[str, Any]) -> dict[str, Any]:
+        n = values["calls"] or 0
+        return {"calls": n, "tokens_in": values["tokens_in"] or 0, "tokens_out": values["tokens_out"] or 0,
+                "cost": (values["cost"] or Decimal("0")).quantize(Decimal("0.000001")), "errors": values["errors"] or 0,
+                "error_rate": round((values["errors"] or 0) / n, 3) if n else 0.0,
+                "mean_latency_ms": round(values["mean_latency_ms"]) if values["mean_latency_ms"] is not None else None}
+
+    profiles = [{"profile": v.pop("profile__name") or "(deleted profile)", "model": v.pop("model"), **row(v)}
+                for v in calls.values("profile__name", "model").annotate(**aggregates).order_by("profile__name", "model")]
+    total = row(calls.aggregate(**aggregates)) if profiles else None
+    decisions = dict(BotDecision.objects.filter(session_id=session_id).values_list("source").annotate(n=Count("id")))
+    defaulted = BotDecision.objects.filter(session_id=session_id, status=BotDecision.Status.DEFAULTED).count()
+    seats = dict(Participant.objects.filter(session_id=session_id).exclude(controller=Participant.Controller.PERSON)
+                 .values_list("controller").annotate(n=Count("id")))
+    return {"profiles": profiles, "total": total,
+            "decisions": {"llm": decisions.get("llm", 0), "scripted": decisions.get("scripted", 0), "defaulted": defaulted},
+            "automated_seats": seats}
