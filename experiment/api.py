@@ -244,22 +244,26 @@ class MessageViewSet(StaffReadOnly):
         return Message.objects.select_related("group", "candidate").annotate(length=Length("text"))
 
 
+LLM_CALL_FIELDS = ["id", "session", "group", "participant", "decision", "profile", "round_number", "phase", "attempt",
+                   "purpose", "model", "model_reported", "parameters", "request_messages", "response_format", "raw_reply",
+                   "refusal", "parsed", "tokens_in", "tokens_out", "latency_ms", "cost", "http_status", "error_class",
+                   "error_message", "status", "applied", "created_at", "finished_at"]
+
+
 def llm_call_viewset() -> type[StaffReadOnly] | None:
-    """The LLM call endpoint, when the bots app has an LLMCall model (None until it does)."""
+    """The LLM call endpoint, when the bots app has its LLMCall model (None otherwise)."""
     model = export.llm_call_model()
     if model is None:
         return None
-    # Every stored field except anything that could hold a credential (keys never belong in the database).
-    names = [f.name for f in model._meta.concrete_fields
-             if not any(word in f.name for word in ("key", "secret", "token", "password"))]
-    meta = type("Meta", (), {"model": model, "fields": names})
-    serializer = type("LLMCallSerializer", (serializers.ModelSerializer,), {"Meta": meta})
-    path = export.TABLES_BY_NAME["llm_calls"].session_path
+    present = {f.name for f in model._meta.get_fields()}
+    meta = type("Meta", (), {"model": model, "fields": [name for name in LLM_CALL_FIELDS if name in present]})
+    serializer = type("LLMCallSerializer", (serializers.ModelSerializer,), {"Meta": meta, "__module__": __name__})
 
     def base_queryset(self: StaffReadOnly) -> QuerySet:
         return model._default_manager.all()
 
     viewset = type("LLMCallViewSet", (StaffReadOnly,), {
-        "serializer_class": serializer, "session_path": path, "base_queryset": base_queryset,
-        "__doc__": "Every call to a language model: prompt, response, model, parameters, tokens, latency, cost, error."})
+        "serializer_class": serializer, "session_path": "session", "base_queryset": base_queryset, "__module__": __name__,
+        "__doc__": "Every request to a language model: messages sent, reply, model, parameters, tokens, latency, cost, "
+                   "error. Staff only; filtered by ``?session=<id>`` and ``?experiment=<slug>``; ordered by id."})
     return extend_schema_view(list=extend_schema(parameters=FILTERS))(viewset)

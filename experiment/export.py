@@ -350,6 +350,12 @@ def _participants_columns() -> list[Column]:
         col("kind", "kind"),
         col("is_bot", _is_bot("kind"), "True for a bot seat (kind = bot).", type="boolean"),
         col("controller", "controller"),
+        col("bot_profile", Case(When(controller=P.Controller.LLM, then=F("group__condition__bot_profile__name")),
+                                default=Value(""), output_field=TextField()),
+            "Bot profile playing the seat, when a language model plays it (the condition's profile).", type="string"),
+        col("bot_model", Case(When(controller=P.Controller.LLM, then=F("group__condition__bot_profile__model")),
+                              default=Value(""), output_field=TextField()),
+            "Model of that bot profile, when a language model plays the seat.", type="string"),
         col("status", "status", "Where the participant ended up (or is now, for a running session)."),
         col("prolific_pid", "prolific_pid", recruitment=True),
         col("study_id", "study_id", recruitment=True),
@@ -524,60 +530,66 @@ def llm_call_model() -> type[models.Model] | None:
         return None
 
 
-def _llm_source(name: str, fallback_type: str) -> Source:
-    model = llm_call_model()
-    if model is not None and _field_at(model, name) is not None:
-        return name
-    # A field the model does not have (yet) exports as empty rather than breaking the table.
-    return Value(None, output_field={"integer": IntegerField(), "number": FloatField(), "boolean": BooleanField(),
-                                     "datetime": models.DateTimeField()}.get(fallback_type, TextField()))
+_EMPTY = {"integer": IntegerField, "number": FloatField, "boolean": BooleanField, "datetime": models.DateTimeField}
 
-
-LLM_COLUMNS: list[tuple[str, str, str, str, str]] = [
-    # name, source field on LLMCall, type, unit, meaning used when the field has no help_text
-    ("llm_call_id", "id", "integer", "", "LLM call id."),
-    ("experiment", "participant__session__experiment__slug", "string", "", "Experiment slug."),
-    ("session_id", "participant__session_id", "integer", "", "Session id."),
-    ("group_id", "participant__group_id", "integer", "", "Group id."),
-    ("participant_id", "participant_id", "integer", "", "Participant id of the bot seat that made the call."),
-    ("seat", "participant__seat", "string", "", "Seat of the bot."),
-    ("round", "round_number", "integer", "", "Round the call was made for."),
-    ("phase", "phase", "string", "", "Phase the call was made for."),
-    ("backend", "backend", "string", "", "Which backend answered (language model, or offline scripted)."),
-    ("model", "model", "string", "", "Model name as sent to the provider."),
-    ("base_url", "base_url", "string", "", "Provider endpoint (OpenAI-compatible base URL)."),
-    ("temperature", "temperature", "number", "", "Sampling temperature."),
-    ("seed", "seed", "integer", "", "Sampling seed sent to the provider."),
-    ("prompt", "prompt", "json", "", "Prompt as sent (the messages)."),
-    ("response", "response", "string", "", "Raw response text."),
-    ("parsed", "parsed", "json", "", "The validated structured answer."),
-    ("prompt_tokens", "prompt_tokens", "integer", "tokens", "Tokens in the prompt."),
-    ("completion_tokens", "completion_tokens", "integer", "tokens", "Tokens in the completion."),
-    ("latency_ms", "latency_ms", "integer", "milliseconds", "Time the call took."),
-    ("cost", "cost", "number", "USD", "Estimated cost of the call."),
-    ("attempt", "attempt", "integer", "", "Attempt number (1 for the first try; retries count up)."),
-    ("error", "error", "string", "", "Error, when the call failed."),
-    ("fallback", "fallback", "string", "", "Fallback policy applied when the call failed after retries."),
-    ("created_at", "created_at", "datetime", "UTC", "When the call was made (UTC)."),
+# name, lookup on bots.LLMCall, type and meaning used when the model is absent (with it, its help_text is used)
+LLM_COLUMNS: list[tuple[str, str, str, str]] = [
+    ("llm_call_id", "id", "integer", "LLM call id."),
+    ("experiment", "session__experiment__slug", "string", "Experiment: short unique identifier of the experiment."),
+    ("session_id", "session_id", "integer", "Session id; empty for a test call made from the admin."),
+    ("group_id", "group_id", "integer", "Group id."),
+    ("group_number", "group__number", "integer", "Group number within the session, from 1."),
+    ("condition", "group__condition__name", "string", "Condition (treatment arm) of the group."),
+    ("participant_id", "participant_id", "integer", "Participant id of the bot seat the call was made for."),
+    ("seat", "participant__seat", "string", "Seat of the bot."),
+    ("round", "round_number", "integer", "Round of the call."),
+    ("phase", "phase", "string", "Phase of the call."),
+    ("decision_id", "decision_id", "integer", "The bot's turn (decision) this call belongs to."),
+    ("attempt", "attempt", "integer", "Attempt number within the decision, from 1."),
+    ("purpose", "purpose", "string", "Why the call was made."),
+    ("profile", "profile__name", "string", "Bot profile used."),
+    ("model", "model", "string", "Model requested."),
+    ("model_reported", "model_reported", "string", "Model name the endpoint reported."),
+    ("parameters", "parameters", "json", "Request parameters (base URL, temperature, top_p, seed, limits)."),
+    ("request_messages", "request_messages", "json", "The exact chat messages sent."),
+    ("response_format", "response_format", "json", "The response_format sent (JSON schema), if any."),
+    ("raw_reply", "raw_reply", "string", "The reply text exactly as received."),
+    ("refusal", "refusal", "string", "The model's refusal message, when it refused."),
+    ("parsed", "parsed", "json", "The decision parsed from the reply."),
+    ("tokens_in", "tokens_in", "integer", "Prompt tokens reported by the endpoint."),
+    ("tokens_out", "tokens_out", "integer", "Completion tokens reported by the endpoint."),
+    ("latency_ms", "latency_ms", "integer", "Time from request to reply or error (ms)."),
+    ("cost", "cost", "number", "Cost in US dollars."),
+    ("http_status", "http_status", "integer", "HTTP status of a failed request."),
+    ("error_class", "error_class", "string", "Kind of failure."),
+    ("error_message", "error_message", "string", "What went wrong, in words."),
+    ("status", "status", "string", "Outcome of the call."),
+    ("applied", "applied", "boolean", "Whether this call's decision was applied in the game."),
+    ("created_at", "created_at", "datetime", "When the request was sent (UTC)."),
+    ("finished_at", "finished_at", "datetime", "When the reply or error came back (UTC)."),
 ]
+LLM_UNITS = {"tokens_in": "tokens", "tokens_out": "tokens", "latency_ms": "milliseconds", "cost": "USD"}
+LLM_PREFIX = {"experiment": "Experiment: ", "condition": "Condition (treatment arm) of the group: ", "profile": "Bot profile: ",
+              "seat": "Seat of the bot: "}
 
 
 def _llm_columns() -> list[Column]:
     model = llm_call_model()
     columns = []
-    for name, source, kind, unit, meaning in LLM_COLUMNS:
-        f = _field_at(model, source) if model is not None else None
-        typed = _type_of(f) if f is not None else kind
-        src: Source = source if f is not None else _llm_source(source, kind)
-        if typed == "json" and isinstance(src, str):
-            src = Cast(src, TextField())
-        text = "{help}" if f is not None and f.help_text else meaning
-        columns.append(col(name, src, text, type=typed, unit=unit))
+    for name, lookup, kind, meaning in LLM_COLUMNS:
+        f = _field_at(model, lookup) if model is not None else None
+        if f is None:
+            # No model (or a field it lacks): the column stays, empty, so an analyst's script never breaks.
+            source: Source = Value(None, output_field=_EMPTY.get(kind, TextField)())
+        elif kind == "json":
+            source = Cast(lookup, TextField())
+        else:
+            source = lookup
+        own_help = f is not None and bool(f.help_text) and not f.is_relation
+        text = LLM_PREFIX.get(name, "") + "{help}" if own_help else meaning
+        columns.append(col(name, source, text, type=kind, unit=LLM_UNITS.get(name, ""),
+                           field=lookup if own_help else ""))
     return columns
-
-
-def _llm_session_path() -> str:
-    return "participant__session"
 
 
 TABLES: list[Table] = [
@@ -599,8 +611,8 @@ TABLES: list[Table] = [
           order_by=("participant__session_id", "participant__group__number", "participant__seat", "id")),
     Table("events", "one row per stored event (the full log of state changes)", lambda: Event, "session",
           _events_columns, order_by=("id",)),
-    Table("llm_calls", "one row per call to a language model", llm_call_model, "participant__session", _llm_columns,
-          order_by=("id",), note="Empty until the LLM bot backend records calls."),
+    Table("llm_calls", "one row per request to a language model (bot seats played by an LLM)", llm_call_model, "session",
+          _llm_columns, order_by=("id",), note="Empty when no bot seat was played by a language model."),
 ]
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
