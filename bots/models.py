@@ -25,6 +25,10 @@ DEFAULT_PERSONA = (
 env_var_name = RegexValidator(r"^[A-Za-z_][A-Za-z0-9_]*$", "Give the name of an environment variable (letters, digits, _), "
                                                           "not the key itself.")
 
+# Not Django's URLValidator: it refuses single-label hosts such as http://ollama:11434/v1 (a Docker service).
+endpoint_url = RegexValidator(r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+                              "Give the endpoint's base URL, e.g. https://api.openai.com/v1 or http://localhost:11434/v1.")
+
 
 class BotProfile(models.Model):
     """A language model configured the way a methods section describes it."""
@@ -43,8 +47,8 @@ class BotProfile(models.Model):
         MAX_TOKENS = "max_tokens", "max_tokens (older endpoints, Ollama)"
 
     name = models.CharField(max_length=100, unique=True, help_text="Name of the profile, e.g. 'gpt-4o-mini prosocial'.")
-    base_url = models.URLField(default="https://api.openai.com/v1",
-                               help_text="OpenAI-compatible endpoint (OpenAI, Azure OpenAI v1, vLLM, Ollama …).")
+    base_url = models.CharField(max_length=500, default="https://api.openai.com/v1", validators=[endpoint_url],
+                                help_text="OpenAI-compatible endpoint (OpenAI, Azure OpenAI v1, vLLM, Ollama …).")
     api_key_env = models.CharField(max_length=100, default="OPENAI_API_KEY", blank=True, validators=[env_var_name],
                                    help_text="Name of the environment variable that holds the API key (never the key).")
     requires_key = models.BooleanField(default=True,

@@ -1,0 +1,128 @@
+"""LLM turns in real Celery worker processes (PostgreSQL + Redis): a worker killed in the middle of a model
+call, its task redelivered to a new worker, exactly one decision; and a 429 whose Retry-After spaces the
+task's own retry."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+
+from bots.fake_openai import FakeOpenAI, Reply
+from bots.models import BotDecision, BotProfile, LLMCall
+from config.celery import app
+from experiment import tasks
+from experiment.models import Message, Participant
+from experiment.scheduling import runner
+from tests.bots.conftest import KEY, KEY_ENV, group_with, profile_create, seat_of
+from tests.livestack import PYTHON, Proc, Processes, clean_env
+
+pytestmark = [pytest.mark.production_stack, pytest.mark.django_db(transaction=True)]
+REDIS_DB = 11  # a Redis database of its own (other stack tests use others), flushed per test
+WORKER_START_SECONDS = 60
+
+
+def _database_url() -> str:
+    s = connection.settings_dict
+    auth = quote(s.get("USER") or "", safe="")
+    if s.get("PASSWORD"):
+        auth += ":" + quote(s["PASSWORD"], safe="")
+    return f"postgres://{auth}@{s.get('HOST') or '127.0.0.1'}:{s.get('PORT') or 5432}/{quote(s['NAME'], safe='')}"
+
+
+@pytest.fixture
+def broker(production_services: None) -> str:
+    url = f"redis://{urlsplit(settings.TEST_REDIS_URL).netloc or '127.0.0.1:6379'}/{REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+@pytest.fixture
+def workers(broker: str, transactional_db: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], Proc]]:
+    env = clean_env(DJANGO_SETTINGS_MODULE="tests.bots.worker_settings", DJANGO_SECRET_KEY=secrets.token_urlsafe(48),
+                    DJANGO_ALLOWED_HOSTS="127.0.0.1", DATABASE_URL=_database_url(), REDIS_URL=broker, **{KEY_ENV: KEY})
+    procs = Processes(tmp_path)
+    count = iter(range(1, 100))
+
+    def start() -> Proc:
+        n = next(count)
+        worker = procs.start(f"llm-worker-{n}", [PYTHON, "-m", "celery", "-A", "config", "worker", "--concurrency", "2",
+                                                  "--loglevel", "INFO", "--hostname", f"llmbots{n}@%h"], env=env)
+        worker.wait_for_log(r"@\S+ ready\.", timeout=WORKER_START_SECONDS)
+        return worker
+
+    failed_before = request.session.testsfailed
+    try:
+        yield start
+    finally:
+        procs.stop_all()  # before pytest-django empties the database: no worker may still write to it
+        if request.session.testsfailed > failed_before:
+            procs.dump()
+
+
+def _enqueue(broker: str, bot: Participant, phase: str = "pitch") -> None:
+    """What a phase opening does in production: publish the turn's task (here, to the test's broker)."""
+    runner.clear()  # the test process runs the embedded scheduler: drop its copies of the jobs
+    with app.connection_for_write(broker) as conn:
+        tasks.llm_decide_task.apply_async(kwargs={"participant_id": bot.pk, "round_number": 1, "phase": phase},
+                                          connection=conn)
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_worker_killed_mid_call_is_replaced_and_the_turn_decides_once(fake: FakeOpenAI, broker: str,
+                                                                        workers: Callable[[], Proc]) -> None:
+    profile: BotProfile = profile_create(fake.base_url, timeout_seconds=6.0)
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    fake.script(Reply.json({"message": "never delivered"}, latency=60))  # the call the killed worker is waiting on
+    first = workers()
+    _enqueue(broker, bot)
+    _wait(lambda: fake.in_flight == 1, 30, "the first worker's model call")
+    _wait(lambda: LLMCall.objects.filter(participant=bot, status="pending").exists(), 10, "the pending call row")
+    first.kill()  # SIGKILL, mid-call: nothing gets to clean up or acknowledge
+    assert BotDecision.objects.get(participant=bot).status == BotDecision.Status.DECIDING
+
+    second = workers()
+    # The broker redelivers the unacknowledged task; the new worker waits out the dead worker's lease, takes
+    # the turn over, asks the model again and releases one decision.
+    _wait(lambda: Message.objects.filter(candidate=bot).exists(), 60, "the bot's pitch")
+    time.sleep(1.0)  # room for any duplicate to show up
+    assert Message.objects.filter(candidate=bot).count() == 1
+    decision = BotDecision.objects.get(participant=bot)
+    assert (decision.status, decision.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
+    lost, ok = LLMCall.objects.filter(participant=bot).order_by("id")
+    assert (lost.status, lost.error_class, lost.applied) == ("error", "WorkerLost", False)
+    assert (ok.status, ok.attempt, ok.applied) == ("ok", 2, True)
+    assert len(fake.requests) == 2
+    assert Message.objects.get(candidate=bot).text == ok.parsed[0]["text"]
+    log = second.log()
+    assert "llm_decide_task" in log and "retry" in log.lower()  # the redelivered copy backed off, then took over
+
+
+def test_a_rate_limited_turn_retries_after_retry_after_in_the_worker(fake: FakeOpenAI, broker: str,
+                                                                     workers: Callable[[], Proc]) -> None:
+    profile = profile_create(fake.base_url)
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    fake.script(Reply.error(429, retry_after=2))
+    workers()
+    _enqueue(broker, bot)
+    _wait(lambda: Message.objects.filter(candidate=bot).exists(), 60, "the bot's pitch")
+    failed, ok = LLMCall.objects.filter(participant=bot).order_by("id")
+    assert (failed.status, failed.http_status) == ("error", 429) and ok.status == "ok" and ok.applied
+    assert (ok.created_at - failed.finished_at).total_seconds() >= 1.9  # the task's retry waited for Retry-After
+    assert Message.objects.filter(candidate=bot).count() == 1
