@@ -82,7 +82,9 @@ def _require_stage(p: Participant, stage: str) -> None:
 
 def _clean_recruitment_id(value: str | None, name: str) -> str:
     value = (value or "").strip()
-    if len(value) > MAX_RECRUITMENT_ID or not all(ch.isalnum() or ch in "-_." for ch in value):
+    # ASCII only: str.isalnum also accepts "²" and look-alike letters (Cyrillic "а" for Latin "a"),
+    # which would let two different ids print the same in an export or a payment list.
+    if len(value) > MAX_RECRUITMENT_ID or not all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in value):
         raise RuleError("invalid_recruitment_id", f"{name} must be at most {MAX_RECRUITMENT_ID} letters, digits, '-', '_' or '.'.")
     return value
 
