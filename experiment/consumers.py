@@ -20,8 +20,10 @@ from experiment.selectors import seat_state
 
 @database_sync_to_async
 def _participant_by_token(token: str) -> tuple[int, int] | None:
-    row = Participant.objects.filter(token=token, controller=Participant.Controller.PERSON).values_list(
-        "pk", "session_id").first()
+    """A person's seat. After a bot took it over the person may still connect: they see their
+    dropout page, and the services refuse their actions (``seat_taken_over``)."""
+    row = (Participant.objects.filter(token=token, kind=Participant.Kind.HUMAN)
+           .exclude(controller=Participant.Controller.SYNTHETIC).values_list("pk", "session_id").first())
     return row
 
 

@@ -19,6 +19,7 @@ from experiment.scheduling import runner
 from experiment.selectors import seat_state
 from tests import factories
 from tests.experiment import gamekit
+from tests.wsclient import Seat
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 executor_connections_closed = gamekit.executor_connections_closed
@@ -322,3 +323,26 @@ def test_synthetic_fill_forms_a_group_after_the_configured_wait() -> None:
     for p in automated:
         m = Message.objects.get(candidate=p, round_number=1)
         assert m.text and not m.timed_out
+
+
+async def test_a_person_whose_seat_a_bot_took_over_still_sees_their_dropout_page() -> None:
+    @gamekit.db
+    def taken_over() -> tuple[Participant, str, str]:
+        group = gamekit.group_start(dropout_after=1, dropout_policy="bot")
+        human = _human_candidate(group)
+        gamekit.deadline_pass(group)  # misses the pitch: dropped at once (K = 1), a bot takes the seat
+        human.refresh_from_db()
+        assert (human.status, human.controller) == (P.Status.DROPPED, P.Controller.SCRIPTED)
+        synthetic = Participant.objects.create(session=group.session, controller=P.Controller.SYNTHETIC)
+        return human, group.session.experiment.dropout_code, synthetic.token
+
+    human, dropout_code, synthetic_token = await taken_over()
+    seat = await Seat(human.token).connect()
+    assert seat.state["stage"] == "dropped"
+    assert seat.state["end"]["completion_code"] == dropout_code
+    reply = await seat.send({"type": "pitch.submit", "round": 2, "text": "let me back in"})
+    assert (reply["type"], reply["code"]) == ("error", "seat_taken_over")
+    await seat.close()
+    # Synthetic humans are played by the server: nobody can connect as one.
+    connected, code = await Seat(synthetic_token).comm.connect()
+    assert not connected and code == 4404

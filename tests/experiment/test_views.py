@@ -143,3 +143,14 @@ def test_a_forged_join_cookie_is_ignored(client: Client, session: Session) -> No
 def test_join_and_play_accept_only_get(client: Client, session: Session) -> None:
     assert client.post(f"/join/{session.code}/").status_code == 405
     assert not Participant.objects.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="experiment/views.py play() only serves controller=person seats, so a person "
+                                       "whose seat a bot took over gets 404 instead of their dropout page")
+def test_a_person_whose_seat_a_bot_took_over_can_reload_the_page(client: Client) -> None:
+    group = gamekit.group_start(dropout_after=1, dropout_policy="bot")
+    human = gamekit.people(group, P.Role.CANDIDATE)[0]
+    gamekit.deadline_pass(group)
+    human.refresh_from_db()
+    assert human.controller == P.Controller.SCRIPTED
+    assert client.get(f"/play/{human.token}/").status_code == 200
