@@ -131,10 +131,16 @@ class ProgressEvent(TypedDict):
     of: int
 
 
+class QuizResult(TypedDict):
+    correct: bool
+    wrong: list[int]  # indexes of the questions answered wrongly
+
+
 class AckEvent(TypedDict):
     type: Literal["ack"]
     ref: str | None
     action: str
+    result: NotRequired[QuizResult]  # only for quiz.submit
 
 
 class ErrorEvent(TypedDict):
