@@ -374,3 +374,75 @@ async def test_bad_pre_game_input() -> None:
     for answers in (None, [], "0"):
         await _refused(seat, {"type": "quiz.submit", "answers": answers}, "invalid_message", sid)
     await seat.close()
+
+
+async def test_bad_beliefs() -> None:
+    group, seats = await _game(n_rounds=1, belief_rounds="last", choice_timeout="none")
+
+    @db
+    def to_belief() -> None:
+        gamekit.pitch_all(group)
+        gamekit.deadline_pass(group)  # choice → feedback (nobody chose)
+        gamekit.deadline_pass(group)  # feedback → belief
+        assert gamekit.at(group) == (1, "belief")
+
+    await to_belief()
+    selector = await Seat(seats["S1"].token).connect()
+    sid = group.session_id
+    good = {"guess": "bot", "confidence": 70}
+    for beliefs, code in [
+        ({"A": good}, "incomplete_beliefs"), ({"A": good, "B": good, "C": good}, "incomplete_beliefs"),
+        ({"A": good, "Z": good}, "incomplete_beliefs"), (None, "incomplete_beliefs"), ([good, good], "incomplete_beliefs"),
+        ({"A": good, "B": {"guess": "alien", "confidence": 70}}, "invalid_belief"),
+        ({"A": good, "B": "bot"}, "invalid_belief"), ({"A": good, "B": {"confidence": 70}}, "invalid_belief"),
+        ({"A": good, "B": {"guess": "human", "confidence": 49}}, "confidence_out_of_range"),
+        ({"A": good, "B": {"guess": "human", "confidence": 101}}, "confidence_out_of_range"),
+        ({"A": good, "B": {"guess": "human", "confidence": "high"}}, "not_a_number"),
+        ({"A": good, "B": {"guess": "human"}}, "not_a_number"),
+    ]:
+        await _refused(selector, {"type": "belief.submit", "round": 1, "beliefs": beliefs}, code, sid)
+    assert (await selector.send({"type": "belief.submit", "round": 1, "beliefs": {"A": good, "B": good}}))["type"] == "ack"
+    await _refused(selector, {"type": "belief.submit", "round": 1, "beliefs": {"A": good, "B": good}}, "already_submitted", sid)
+    await selector.close()
+
+
+async def test_bad_questionnaire_answers() -> None:
+    group, seats = await _game(n_rounds=1, belief_rounds="", choice_timeout="none")
+
+    @db
+    def to_questionnaire() -> None:
+        gamekit.pitch_all(group)
+        gamekit.deadline_pass(group)
+        gamekit.deadline_pass(group)
+        assert gamekit.fresh(group).status == Group.Status.FINISHED
+
+    await to_questionnaire()
+    seat = await Seat(seats["S1"].token).connect()
+    assert seat.state["stage"] == "questionnaire"
+    sid = group.session_id
+    good = {"age": 30, "gender": "female", "ai_attitude": 5, "suspected_bots": "yes", "comments": ""}
+    for answers in (None, [], {**good, "age": 12}, {**good, "age": "thirty"}, {**good, "age": True},
+                    {**good, "gender": "robot"}, {**good, "ai_attitude": 8}, {**good, "comments": "x" * 1001},
+                    {k: v for k, v in good.items() if k != "suspected_bots"}):
+        code = "invalid_message" if not isinstance(answers, dict) else "invalid_answer"
+        await _refused(seat, {"type": "questionnaire.submit", "answers": answers}, code, sid)
+    assert (await seat.send({"type": "questionnaire.submit", "answers": good}))["type"] == "ack"
+    await _refused(seat, {"type": "questionnaire.submit", "answers": good}, "wrong_stage", sid)
+    await seat.close()
+
+
+async def test_acting_after_the_deadline_before_the_phase_is_closed() -> None:
+    group, seats = await _game()
+    candidate = await Seat(_human_candidate(seats).token).connect()
+
+    @db
+    def overdue() -> None:
+        from datetime import timedelta
+
+        from django.utils import timezone
+
+        Group.objects.filter(pk=group.pk).update(phase_deadline=timezone.now() - timedelta(seconds=1))
+
+    await overdue()
+    await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": "too late"}, "phase_closed", group.session_id)
+    await candidate.close()
