@@ -29,7 +29,9 @@ REDIS_URL = env_str("REDIS_URL")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "capacity": 1500, "expiry": 30},
+        # channels_redis waits for messages with a 5 s BZPOPMIN; redis-py's default 5 s socket timeout
+        # races it and kills idle websockets with "Timeout reading from redis". Read for longer than that.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "capacity": 1500, "expiry": 30},
     }
 }
 CELERY_BROKER_URL = REDIS_URL

@@ -56,7 +56,8 @@ if PRODUCTION_SERVICES:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             # A fresh prefix per run: no leftovers from an earlier run can reach this one.
-            "CONFIG": {"hosts": [TEST_REDIS_URL], "prefix": f"plt-{uuid.uuid4().hex[:8]}"},
+            # socket_timeout: as in production (a 5 s read timeout races channels_redis's 5 s BZPOPMIN).
+            "CONFIG": {"hosts": [{"address": TEST_REDIS_URL, "socket_timeout": 15}], "prefix": f"plt-{uuid.uuid4().hex[:8]}"},
         }
     }
     CELERY_BROKER_URL = TEST_REDIS_URL
