@@ -142,10 +142,13 @@ class Proc:
                 os.killpg(self.popen.pid, sig)
 
     def stop(self, *, timeout: float = 15) -> None:
-        """SIGTERM the process group, then SIGKILL it if it has not ended within ``timeout`` seconds."""
+        """A graceful stop: SIGTERM to the leader only (as a supervisor does: Celery's warm shutdown lets
+        its pool finish, which a SIGTERM to every child would not), then SIGKILL to the whole group."""
         if self.popen is None:
             return
-        self.signal(signal.SIGTERM)
+        if self.running:
+            with contextlib.suppress(ProcessLookupError):
+                self.popen.send_signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

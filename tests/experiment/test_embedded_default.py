@@ -221,7 +221,7 @@ def test_make_run_then_one_person_plays_the_demo_alone(embedded: Embedded) -> No
 _RESTART_SETUP = """
 import json
 from experiment.models import Condition, Experiment, Session
-e = Experiment.objects.create(name="Restart", slug="restart", n_rounds=1, pitch_seconds=6, choice_seconds=3,
+e = Experiment.objects.create(name="Restart", slug="restart", n_rounds=1, pitch_seconds=6, choice_seconds=6,
                               return_seconds=3, feedback_seconds=1, belief_seconds=3)
 Condition.objects.create(experiment=e, name="hidden", disclose_identity=False)
 s = Session.objects.create(experiment=e, label="restart", capacity=5, synthetic_fill_after=1)
@@ -239,22 +239,25 @@ def test_server_restart_closes_overdue_phase_within_5_seconds(embedded: Embedded
     async def into_game() -> dict[str, Any]:
         seat = await LiveSeat(port=embedded.port, token=token).connect()
         await seat.onboard(setup["answers"])
-        state = await seat.until(lambda s: s["stage"] == "playing", timeout=60)
+        # The first phase in which this person owes a decision (pitch for a candidate, choice for a
+        # selector): it cannot end before its deadline, because the person never decides.
+        state = await seat.until(lambda s: s["stage"] == "playing" and s["game"]["todo"], timeout=60)
         await seat.close()  # no browser stays open
         return state
 
     state = asyncio.run(into_game())
+    waiting = (1, state["game"]["phase"])
     group_id = embedded.shell_json(f"import json; from experiment.models import Participant as P; "
                                    f"print(json.dumps(P.objects.get(token={token!r}).group_id))")
-    assert embedded.group_where(group_id)[:2] == (1, "pitch")
+    assert embedded.group_where(group_id)[:2] == waiting
     first.kill()  # a crash: the in-process timers die with the process
     deadline = datetime.fromisoformat(state["game"]["deadline"]).timestamp()
     while time.time() < deadline + 1.0:
         time.sleep(0.1)
-    assert embedded.group_where(group_id)[:2] == (1, "pitch"), "the phase closed while no server was running"
+    assert embedded.group_where(group_id)[:2] == waiting, "the phase closed while no server was running"
 
     second = embedded.uvicorn("uvicorn-2")
-    while embedded.group_where(group_id)[:2] == (1, "pitch"):
+    while embedded.group_where(group_id)[:2] == waiting:
         assert second.running, second.tail()
         assert time.monotonic() - second.started_at < 60, "the overdue phase was never closed"
         time.sleep(0.05)

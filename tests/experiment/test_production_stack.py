@@ -94,10 +94,13 @@ class Stack:
             proc.wait_for_http(port, timeout=WEB_START_SECONDS)
 
     def start_worker(self) -> Proc:
-        """A Celery worker with embedded beat (the 1-second sweep); a fresh beat schedule file each time."""
+        """A Celery worker with embedded beat (the 1-second sweep); a fresh beat schedule file each time.
+        Started as docs/deployment.md says (no mingle/gossip: PartnerLab needs neither, and mingle alone
+        costs a second at every start)."""
         n = len(self.workers) + 1
         worker = self.procs.start(f"celery-{n}", [
             PYTHON, "-m", "celery", "-A", "config", "worker", "-B", "--concurrency", "2", "--loglevel", "INFO",
+            "--without-mingle", "--without-gossip",
             "--hostname", f"prodstack{n}@%h", "--schedule", str(self.tmp / f"beat-schedule-{n}")], env=self.env)
         self.workers.append(worker)
         return worker
