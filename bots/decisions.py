@@ -22,7 +22,9 @@ The life of one turn (one LLM seat, one round, one phase), in the order things h
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
+import contextlib
 import logging
 import random
 import threading
@@ -127,6 +129,8 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
         decision, created = BotDecision.objects.select_for_update().get_or_create(
             participant=p, round_number=round_number, phase=phase,
             defaults={"group": group, "session_id": p.session_id, "profile": group.condition.bot_profile})
+        if created:
+            _close_abandoned_turns(p, keep=decision.pk, now=now)
         if not created:
             if decision.status == BotDecision.Status.DECIDED:
                 # The release may never have been scheduled (worker lost between commit and publish).
@@ -172,6 +176,18 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
         decision.lease_until = now + timedelta(seconds=settings.timeout + LEASE_MARGIN)
         decision.save(update_fields=["lease_until"])
         return replace(plan, settings=settings, messages=messages, response_format=settings.response_format(name, schema))
+
+
+def _close_abandoned_turns(p: Participant, *, keep: int, now: datetime) -> None:
+    """Earlier turns of the seat that nobody works on any more (their job was lost with a restarted process;
+    the phase default applied at the deadline) are closed, and their unanswered calls marked lost."""
+    stale = (BotDecision.objects.filter(participant=p, status=BotDecision.Status.DECIDING).exclude(pk=keep)
+             .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now)))
+    LLMCall.objects.filter(decision__in=stale, status=LLMCall.Status.PENDING).update(
+        status=LLMCall.Status.ERROR, error_class="WorkerLost", finished_at=now,
+        error_message="The process waiting for this reply stopped; the phase default applied instead.")
+    stale.update(status=BotDecision.Status.SKIPPED, applied_at=now, lease_until=None,
+                 outcome={"skipped": "The turn was abandoned (its process stopped); the phase default applied."})
 
 
 def _with_problem(plan: Plan, decision: BotDecision, problem: str) -> Plan:
@@ -416,7 +432,15 @@ class Background:
                 self._executor = concurrent.futures.ThreadPoolExecutor(self._db_threads, thread_name_prefix="llm-db")
                 threading.Thread(target=loop.run_forever, name="llm-loop", daemon=True).start()
                 self._loop = loop
+                atexit.register(self._close, loop)
             return self._loop
+
+    @staticmethod
+    def _close(loop: asyncio.AbstractEventLoop) -> None:
+        """At exit: close the loop's HTTP sessions (open connections would be reported as leaked)."""
+        if loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(llm.close_async_clients(), loop).result(timeout=2)
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -70,10 +70,26 @@ def system_prompt(*, persona: str, instructions: str, state: dict[str, Any]) -> 
     return f"{persona.strip()}\n\nINSTRUCTIONS OF THE GAME (as every participant reads them)\n{filled.strip()}\n\n{rules}"
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def compact_json(data: dict[str, Any]) -> str:
+    """Valid JSON, one top-level key (and one list item) per line: readable in the call log, and far fewer
+    tokens than indenting every level."""
+    lines = []
+    for key, value in data.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            items = ",\n".join(f"  {_dumps(v)}" for v in value)
+            lines.append(f" {_dumps(key)}: [\n{items}\n ]")
+        else:
+            lines.append(f" {_dumps(key)}: {_dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}"
+
+
 def data_block(data: dict[str, Any]) -> str:
     """JSON inside delimiters that participant text can never close (``<`` ``>`` ``&`` are \\u-escaped)."""
-    text = json.dumps(data, ensure_ascii=False, indent=1)
-    text = text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    text = compact_json(data).replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
     return f"{DATA_OPEN}\n{text}\n{DATA_CLOSE}"
 
 

@@ -456,3 +456,20 @@ def test_an_injected_pitch_stays_data_and_the_decision_stays_within_the_rules(fa
     assert d.source == (BotDecision.Source.SCRIPTED if obeys else BotDecision.Source.LLM)
     if obeys:
         assert [c.status for c in calls(selector_bot)] == ["invalid", "invalid"]
+
+
+def test_a_turn_abandoned_by_a_restarted_process_is_closed_at_the_next_turn(fake: FakeOpenAI, profile: BotProfile) -> None:
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    plan = decisions.claim(participant_id=bot.pk, round_number=1, phase="pitch")
+    decisions.call_open(plan, plan.messages, LLMCall.Purpose.DECIDE)  # ... and the web process restarts here
+    human = seat_of(group, controller="person", role="candidate")
+    services.pitch_submit(participant_id=human.pk, round_number=1, text="hello")
+    g = deadline_pass(group)  # the sweep closes the phase with the default for the bot
+    assert g.phase == "choice" and Message.objects.get(candidate=bot).timed_out
+    BotDecision.objects.update(lease_until=timezone.now() - timedelta(seconds=1))
+    services.choice_submit(participant_id=seat_of(group, role="selector").pk, round_number=1, candidate=bot.seat, amount=2)
+    assert turn(bot).status == BotDecision.Status.APPLIED  # the return phase's turn
+    old = BotDecision.objects.get(participant=bot, phase="pitch")
+    assert old.status == BotDecision.Status.SKIPPED
+    assert LLMCall.objects.get(decision=old).error_class == "WorkerLost"
