@@ -1066,7 +1066,7 @@
         if (q.kind === "scale") for (var v = q.min; v <= q.max; v++) opts.push({ value: String(v), label: String(v) });
         return h("fieldset", { class: "question" + (q.kind === "scale" ? " scale" : ""), "aria-describedby": id + "-problem" },
           h("legend", null, q.text, optional),
-          h("div", { class: "options" + (q.kind === "scale" ? " row" : "") }, radios(id, "q." + q.id, opts, { pill: q.kind === "scale" })),
+          h("div", { class: "options" + (q.kind === "scale" ? " scale-row" : "") }, radios(id, "q." + q.id, opts, { pill: q.kind === "scale" })),
           problem);
       }
       var input;
