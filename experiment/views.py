@@ -37,8 +37,10 @@ def join(request: HttpRequest, code: str) -> HttpResponse:
 
 @require_GET
 def play(request: HttpRequest, token: str) -> HttpResponse:
-    p = get_object_or_404(Participant.objects.select_related("session__experiment"), token=token,
-                          controller=Participant.Controller.PERSON)
+    # A person whose seat a bot took over may still open the page: it shows their dropout code.
+    p = get_object_or_404(Participant.objects.select_related("session__experiment")
+                          .exclude(controller=Participant.Controller.SYNTHETIC),
+                          token=token, kind=Participant.Kind.HUMAN)
     return render(request, "experiment/play.html", {"participant": p, "experiment": p.session.experiment})
 
 

@@ -145,8 +145,6 @@ def test_join_and_play_accept_only_get(client: Client, session: Session) -> None
     assert not Participant.objects.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="experiment/views.py play() only serves controller=person seats, so a person "
-                                       "whose seat a bot took over gets 404 instead of their dropout page")
 def test_a_person_whose_seat_a_bot_took_over_can_reload_the_page(client: Client) -> None:
     group = gamekit.group_start(dropout_after=1, dropout_policy="bot")
     human = gamekit.people(group, P.Role.CANDIDATE)[0]
