@@ -330,6 +330,8 @@ def apply(*, decision_id: int) -> None:
         d = BotDecision.objects.select_for_update().filter(pk=decision_id).first()
         if d is None or d.status != BotDecision.Status.DECIDED:
             return
+        if Group.objects.filter(pk=d.group_id, paused_at__isnull=False).exists():
+            return  # staff paused the group: resuming schedules the seat's turn again, which releases this
         outcome: dict[str, Any] = {}
         applied = closed = False
         for i, action in enumerate(d.actions):
@@ -344,7 +346,8 @@ def apply(*, decision_id: int) -> None:
                 outcome[str(i)] = "applied"
                 applied = True
         now = timezone.now()
-        d.status = BotDecision.Status.APPLIED if applied or not closed else BotDecision.Status.LATE
+        d.status = (BotDecision.Status.APPLIED if applied else BotDecision.Status.LATE if closed
+                    else BotDecision.Status.REJECTED)
         d.outcome, d.applied_at = outcome, now
         d.save(update_fields=["status", "outcome", "applied_at"])
         ok_calls = LLMCall.objects.filter(decision=d, status=LLMCall.Status.OK)

@@ -140,6 +140,7 @@ class BotDecision(models.Model):
         LATE = "late", "Arrived after the phase closed; not applied"
         DEFAULTED = "defaulted", "No usable answer; the phase default applies"
         SKIPPED = "skipped", "Nothing to do any more (phase over or seat no longer automated)"
+        REJECTED = "rejected", "Refused by the game's rules when released; the phase default applies"
 
     class Source(models.TextChoices):
         LLM = "llm", "Language model"

@@ -473,3 +473,30 @@ def test_a_turn_abandoned_by_a_restarted_process_is_closed_at_the_next_turn(fake
     old = BotDecision.objects.get(participant=bot, phase="pitch")
     assert old.status == BotDecision.Status.SKIPPED
     assert LLMCall.objects.get(decision=old).error_class == "WorkerLost"
+
+
+def test_a_release_while_staff_paused_the_group_waits_for_the_resume(fake: FakeOpenAI, profile: BotProfile) -> None:
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    d = turn(bot, apply=False)
+    services.group_pause(group_id=group.pk, actor_id=None)
+    decisions.apply(decision_id=d.pk)
+    d.refresh_from_db()
+    assert d.status == BotDecision.Status.DECIDED and not Message.objects.filter(candidate=bot).exists()
+    services.group_resume(group_id=group.pk, actor_id=None)
+    assert decisions.decide_now(participant_id=bot.pk, round_number=1, phase="pitch") is None  # what resuming runs
+    decisions.apply(decision_id=d.pk)
+    d.refresh_from_db()
+    assert d.status == BotDecision.Status.APPLIED and Message.objects.filter(candidate=bot).count() == 1
+    assert len(fake.requests) == 1
+
+
+def test_a_release_the_rules_refuse_is_recorded_as_rejected(fake: FakeOpenAI, profile: BotProfile) -> None:
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    d = turn(bot, apply=False)
+    BotDecision.objects.filter(pk=d.pk).update(actions=[{"type": "pitch.submit", "round": 1, "text": "x" * 999}])
+    decisions.apply(decision_id=d.pk)
+    d.refresh_from_db()
+    assert d.status == BotDecision.Status.REJECTED and d.outcome["0"]["code"] == "message_too_long"
+    assert not calls(bot)[0].applied and Event.objects.filter(participant=bot, type="bot.rejected").exists()
