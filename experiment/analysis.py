@@ -375,6 +375,10 @@ def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
     except Exception as exc:  # statsmodels signals separation and singular designs in several ways
         result.error = f"The model could not be fitted: {exc}"
         return result
+    if not np.all(np.isfinite(fit.bse)):
+        result.error = (f"Standard errors clustered by selector cannot be estimated from these {result.n_selectors} "
+                        "selectors (too few, or too little variation within them).")
+        return result
 
     ci = fit.conf_int(alpha=0.05)
     for term in design.columns:
@@ -386,7 +390,9 @@ def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
 
     def contrast(weights: dict[str, float], name: str) -> Slope:
         vector = np.array([[weights.get(t, 0.0) for t in design.columns]])
-        test = fit.t_test(vector)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)  # finite SEs were checked above
+            test = fit.t_test(vector)
         low, high = test.conf_int(alpha=0.05)[0]
         return Slope(condition=name, estimate=float(np.squeeze(test.effect)), se=float(np.squeeze(test.sd)),
                      low=float(low), high=float(high), p=float(np.squeeze(test.pvalue)))
@@ -396,6 +402,10 @@ def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
         result.slopes.append(contrast({"round": 1.0, f"round:{c}": 1.0}, c))
         result.differences.append(contrast({f"round:{c}": 1.0}, c))
 
+    if not all(math.isfinite(x) for s in result.slopes + result.differences for x in (s.estimate, s.low, s.high)):
+        result.error = (f"Standard errors clustered by selector cannot be estimated from these {result.n_selectors} "
+                        "selectors (too few, or too little variation within them).")
+        return result
     first, last = int(frame["round"].min()), int(frame["round"].max())
     for c in conditions:
         row0 = {"const": 1.0, "round": 0.0}

@@ -544,3 +544,46 @@ async def test_download_streams_over_asgi() -> None:
     finally:
         # The test client keeps the request thread's connection open; close it so the test database can go.
         await sync_to_async(connections.close_all)()
+
+
+# ---- PostgreSQL's text path writes what the typed path writes ------------------------------------------
+
+def test_csv_from_postgres_text_equals_csv_from_typed_values(played: Session, monkeypatch: pytest.MonkeyPatch) -> None:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the text path exists on PostgreSQL only")
+    _llm_calls_record(played)
+    fast = bundle(Scope.session(played.pk), Options(recruitment="include"))
+    monkeypatch.setattr(export, "_TEXT_CSV", False)
+    typed = bundle(Scope.session(played.pk), Options(recruitment="include"))
+    for name in fast:
+        if name.endswith(".csv"):
+            assert fast[name] == typed[name], name
+
+
+def test_postgres_text_normalisation_matches_python_str() -> None:
+    import datetime as dt
+
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("the text path exists on PostgreSQL only")
+    floats = [2.0, 0.1, 1 / 3, 2 / 3, 1e-05, 0.0001, 123.456, 1e15, 1e16, 123456789012345.6, 9007199254740993.0,
+              -0.0, -2.5, 5e-324, 1.7976931348623157e308, 0.021711, 30.0]
+    base = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    stamps = [base, base.replace(microsecond=500000), base.replace(microsecond=120000), base.replace(microsecond=1),
+              base.replace(microsecond=999999), base.replace(year=1999, month=12, day=31, hour=23, minute=59, second=59)]
+    import psycopg
+    from psycopg.types.string import TextLoader
+
+    connection.ensure_connection()
+    with psycopg.Cursor(connection.connection) as cursor:
+        for name in ("float8", "timestamptz", "bool"):  # read PostgreSQL's own text, as the export does
+            cursor.adapters.register_loader(name, TextLoader)
+        cursor.execute("SELECT v FROM unnest(%s::float8[]) AS v", [floats])
+        assert [export._float_text(v) for (v,) in cursor.fetchall()] == [repr(f) for f in floats]
+        cursor.execute("SELECT v FROM unnest(%s::timestamptz[]) AS v", [stamps])
+        assert [export._timestamp_text(v) for (v,) in cursor.fetchall()] == [str(s) for s in stamps]
+        cursor.execute("SELECT v FROM unnest(ARRAY[true, false]) AS v")
+        assert [export._bool_text(v) for (v,) in cursor.fetchall()] == ["True", "False"]
