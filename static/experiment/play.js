@@ -466,7 +466,8 @@
 
   function formError(key) {
     var err = ui.errors[key];
-    return h("p", { class: "form-error", role: "alert", id: key + "-error" }, err ? err.message : null);
+    // The code is kept on the element for support and tests; participants read the sentence.
+    return h("p", { class: "form-error", role: "alert", id: key + "-error", "data-code": err ? err.code : null }, err ? err.message : null);
   }
 
   /** Inputs lock once sent; the submit button also waits for a connection and a running clock. */
@@ -1154,7 +1155,7 @@
   function viewEnd() {
     var end = state.end || {};
     var text = END_TEXT[end.reason] || END_TEXT[state.stage] || ["The study has ended", ""];
-    var played = end.reason === "finished" || end.reason === "dropped";
+    var played = end.reason !== "declined";
     return h("section", { class: "card prose end" }, heading(text[0]), h("p", { class: "lead" }, text[1]),
       played ? h("dl", { class: "ledger" },
         ledgerRow("Points earned", points(end.payoff || 0)),
