@@ -959,7 +959,8 @@
 
   function viewFeedback(isSelector) {
     var g = state.game, e = state.experiment, f = g.feedback || {};
-    var next = g.round < g.rounds ? "Round " + (g.round + 1) + " starts when the timer runs out." : "The game ends when the timer runs out.";
+    // The state does not say whether a belief phase follows, so name no specific next step.
+    var next = "The next step starts when the timer runs out.";
     var box;
     if (isSelector) {
       var card = f.candidate ? candidateBySeat(f.candidate) : null;
