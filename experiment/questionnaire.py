@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiment.game import RuleError
+from experiment.game import RuleError, parse_points
 
 QUESTIONS: list[dict[str, Any]] = [
     {"id": "age", "text": "How old are you?", "kind": "number", "min": 18, "max": 100},
@@ -30,9 +30,10 @@ def clean_answers(answers: object) -> dict[str, Any]:
             clean[q["id"]] = ""
             continue
         if q["kind"] in ("number", "scale"):
-            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.isdigit())):
-                raise RuleError("invalid_answer", f'"{q["text"]}" needs a whole number.')
-            number = int(value)
+            try:
+                number = parse_points(value, name=q["text"])
+            except RuleError:
+                raise RuleError("invalid_answer", f'"{q["text"]}" needs a whole number.') from None
             if not q["min"] <= number <= q["max"]:
                 raise RuleError("invalid_answer", f'"{q["text"]}" must be between {q["min"]} and {q["max"]}.')
             clean[q["id"]] = number

@@ -38,7 +38,8 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
         "me": {"seat": p.seat, "role": p.role, "name": p.public_name,
                "colour": game.colour_of(p.seat) if p.role == P.Role.CANDIDATE else None},
         "experiment": {"rounds": params.n_rounds, "endowment": params.endowment, "multiplier": params.multiplier,
-                       "message_max_chars": params.message_max_chars, "fixed_send": params.fixed_send},
+                       "message_max_chars": params.message_max_chars, "fixed_send": params.fixed_send,
+                       "belief_rounds": sorted(params.belief_rounds)},
     }
     if stage == P.Status.CONSENT:
         state["consent"] = {"text": experiment.consent_text}
@@ -105,6 +106,7 @@ def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
         "deadline": group.phase_deadline.isoformat() if group.phase_deadline else None,
         "phase_started": group.phase_started_at.isoformat() if group.phase_started_at else None,
         "progress": services.progress(group, params),
+        "paused": group.paused_at is not None,
         "payoff_total": p.payoff,
         "todo": False,
     }

@@ -169,8 +169,11 @@ def _lobby_enter(p: Participant) -> None:
     lobby_match(p.session, now=p.lobby_at)
 
 
-def lobby_match(session: Session, *, now: datetime) -> list[Group]:
-    """Form every group the lobby allows, by arrival. Call holding the session lock."""
+def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> list[Group]:
+    """Form every group the lobby allows, by arrival. Call holding the session lock.
+
+    The lobby's pages are refreshed when a group formed or the caller says the lobby ``changed``
+    (the sweep calls this every second and must not re-send every waiting person's state for nothing)."""
     experiment = session.experiment
     params = experiment.params()
     waiting = list(session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
@@ -183,7 +186,8 @@ def lobby_match(session: Session, *, now: datetime) -> list[Group]:
     if waiting and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after):
         formed.append(_group_form(session, waiting, params, now))
         waiting = []
-    events.refresh_on_commit(events.lobby_channel(session.pk))
+    if formed or changed:
+        events.refresh_on_commit(events.lobby_channel(session.pk))
     return formed
 
 
@@ -416,7 +420,10 @@ def sweep(now: datetime | None = None) -> int:
     lobbies = set(Participant.objects.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
                   .values_list("session_id", flat=True).distinct())
     for session_id in lobbies:
-        lobby_sweep(session_id=session_id, now=now)
+        try:
+            lobby_sweep(session_id=session_id, now=now)
+        except Exception:  # one broken lobby must not stop the others from being swept
+            logger.exception("sweeping the lobby of session %s failed", session_id)
     return closed
 
 
@@ -430,7 +437,7 @@ def lobby_sweep(*, session_id: int, now: datetime) -> None:
         p.save(update_fields=["status", "finished_at"])
         _log(session_id=session_id, type="lobby.timeout", participant=p)
         events.refresh_on_commit(events.seat_channel(p.pk))
-    lobby_match(session, now=now)
+    lobby_match(session, now=now, changed=bool(expired))
 
 
 # ---- game actions --------------------------------------------------------------------------------------

@@ -446,3 +446,15 @@ async def test_acting_after_the_deadline_before_the_phase_is_closed() -> None:
     await overdue()
     await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": "too late"}, "phase_closed", group.session_id)
     await candidate.close()
+
+
+def test_questionnaire_rejects_non_ascii_digits() -> None:
+    from experiment.game import RuleError
+    from experiment.questionnaire import clean_answers
+
+    base = {"age": 30, "gender": "female", "ai_attitude": 5, "suspected_bots": "yes", "comments": ""}
+    for bad in ("²", "٣", "3.5", "--3", True, None, "9" * 5000):
+        with pytest.raises(RuleError) as err:
+            clean_answers({**base, "ai_attitude": bad})
+        assert err.value.code == "invalid_answer"
+    assert clean_answers({**base, "age": "30"})["age"] == 30
