@@ -364,12 +364,18 @@ def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
                      f"reference condition: {reference})"
 
     groups = pd.factorize(frame["selector_id"])[0]
+    thin = [c for c in conditions if frame.loc[frame["condition"] == c, "round"].nunique() < 2]
+    if thin:
+        result.error = (f"Condition {', '.join(thin)} has choices from a single round so far: its change across rounds "
+                        "cannot be estimated yet.")
+        return result
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", category=RuntimeWarning)
-            from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+            from statsmodels.tools.sm_exceptions import ModelWarning
 
-            warnings.simplefilter("error", category=PerfectSeparationWarning)
+            # Separation, a singular design, no convergence: each makes the estimates meaningless, so each fails.
+            warnings.simplefilter("error", category=RuntimeWarning)
+            warnings.simplefilter("error", category=ModelWarning)
             fit = sm.GLM(frame["bot"].astype(float), design, family=sm.families.Binomial()).fit(
                 cov_type="cluster", cov_kwds={"groups": groups})
     except Exception as exc:  # statsmodels signals separation and singular designs in several ways

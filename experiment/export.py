@@ -1001,8 +1001,13 @@ def bundle_stream(*, scope: Scope, options: Options, counts: dict[str, int] | No
     counts = {} if counts is None else counts
     sink = _Sink()
     with _snapshot(), zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as archive:
+        stamp = datetime.now(UTC).timetuple()[:6]
         for t in TABLES:
-            with archive.open(f"{t.name}.{options.format}", "w", force_zip64=True) as entry:
+            info = zipfile.ZipInfo(f"{t.name}.{options.format}", date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            # The level of an entry opened from a ZipInfo: public from Python 3.13, private before.
+            setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel", ZIP_LEVEL)
+            with archive.open(info, "w", force_zip64=True) as entry:
                 for chunk in encoded_chunks(t, scope=scope, options=options, counter=counts):
                     entry.write(chunk)
                     yield from sink.drain()

@@ -267,3 +267,12 @@ def test_importing_the_web_modules_does_not_import_heavy_libraries() -> None:
                             cwd=Path(__file__).resolve().parents[2], check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_regression_refuses_a_condition_seen_in_one_round_only(planted: Session) -> None:
+    """As in a running session whose second arm has only played round 1: no slope can be estimated for it."""
+    Choice.objects.filter(group__session=planted, group__condition__name="hidden", round_number__gt=1).delete()
+    fit = analysis.regression(scope=Scope.session(planted.pk))
+    assert fit.error == ("Condition hidden has choices from a single round so far: its change across rounds cannot be "
+                         "estimated yet.")
+    assert not fit.coefficients and not fit.reading
