@@ -1,7 +1,10 @@
 """Staff-only data pages: bundle downloads, the preference-shift summary, the report, the Prolific bonus file.
 
-The plain functions at the top (:func:`bundle_response`, :func:`scope_for_sessions`,
-:func:`scope_for_experiments`) are what admin actions call: they take ids and return a response.
+The plain functions at the top are what admin actions call: they take ids (a queryset's
+``values_list("pk", flat=True)``) and return a response, e.g.
+``sessions_bundle_response(session_ids=queryset.values_list("pk", flat=True), request=request)``,
+:func:`experiments_bundle_response`, :func:`prolific_bonus_response`; the summary of a session is at
+``reverse("staff:session-summary", args=[session.pk])`` (``experiment-summary`` with a slug).
 """
 
 from __future__ import annotations
@@ -57,6 +60,26 @@ def bundle_response(*, scope: Scope, options: Options, request: HttpRequest | No
     response["Content-Disposition"] = f'attachment; filename="{export.bundle_name(scope, options)}"'
     response["Cache-Control"] = "no-store"
     return response
+
+
+def sessions_bundle_response(*, session_ids: Iterable[int], request: HttpRequest, pseudonymise: bool = False,
+                             fmt: str = "csv") -> StreamingHttpResponse:
+    """For an admin action on sessions: the bundle of the selected sessions (staff: recruitment ids included)."""
+    options = Options(format=fmt, recruitment="pseudonymise" if pseudonymise else "include")  # type: ignore[arg-type]
+    return bundle_response(scope=scope_for_sessions(session_ids), options=options, request=request)
+
+
+def experiments_bundle_response(*, experiment_ids: Iterable[int], request: HttpRequest, pseudonymise: bool = False,
+                                fmt: str = "csv") -> StreamingHttpResponse:
+    """For an admin action on experiments: the bundle of every session of the selected experiments."""
+    options = Options(format=fmt, recruitment="pseudonymise" if pseudonymise else "include")  # type: ignore[arg-type]
+    return bundle_response(scope=scope_for_experiments(experiment_ids), options=options, request=request)
+
+
+def prolific_bonus_response(*, session_id: int) -> HttpResponse:
+    """The Prolific bulk-bonus file of one session as a download (``PROLIFIC_PID,amount`` lines)."""
+    return _download(export.prolific_bonus_csv(session_id=session_id), "text/csv; charset=utf-8",
+                     f"prolific-bonus-session-{session_id}.csv")
 
 
 def options_from(request: HttpRequest) -> Options:
@@ -154,5 +177,4 @@ def _download(text: str, content_type: str, filename: str) -> HttpResponse:
 @require_GET
 def prolific_bonus(request: HttpRequest, session_id: int) -> HttpResponse:
     session = get_object_or_404(Session, pk=session_id)
-    return _download(export.prolific_bonus_csv(session_id=session.pk), "text/csv; charset=utf-8",
-                     f"prolific-bonus-session-{session.pk}.csv")
+    return prolific_bonus_response(session_id=session.pk)

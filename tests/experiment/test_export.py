@@ -587,3 +587,24 @@ def test_postgres_text_normalisation_matches_python_str() -> None:
         assert [export._timestamp_text(v) for (v,) in cursor.fetchall()] == [str(s) for s in stamps]
         cursor.execute("SELECT v FROM unnest(ARRAY[true, false]) AS v")
         assert [export._bool_text(v) for (v,) in cursor.fetchall()] == ["True", "False"]
+
+
+def test_functions_for_admin_actions(played: Session) -> None:
+    from django.test import RequestFactory
+
+    from experiment import staff_views
+
+    request = RequestFactory().get("/admin/")
+    response = staff_views.sessions_bundle_response(session_ids=Session.objects.filter(pk=played.pk).values_list("pk", flat=True),
+                                                    request=request)
+    files = _zip_of(response)
+    assert len(tables(files)["participants"]) == played.participants.count()
+    response = staff_views.experiments_bundle_response(experiment_ids=[played.experiment_id], request=request,
+                                                       pseudonymise=True, fmt="jsonl")
+    files = _zip_of(response)
+    everything = b"".join(files.values())
+    assert "participants.jsonl" in files and not [i for i in _recruitment_ids(played) if i.encode() in everything]
+    bonus = staff_views.prolific_bonus_response(session_id=played.pk)
+    assert bonus.content.decode() == export.prolific_bonus_csv(session_id=played.pk)
+    with pytest.raises(export.ExportError):
+        staff_views.sessions_bundle_response(session_ids=[], request=request)
