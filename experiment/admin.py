@@ -245,7 +245,7 @@ class ExperimentAdmin(admin.ModelAdmin):
     list_display = ["name", "slug", "rounds", "composition", "conditions_count", "sessions_count", "created_at"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ("name",)}
-    actions = ["duplicate"]
+    actions = ["duplicate", "export_bundle", "export_bundle_pseudonymised"]
     save_on_top = True
 
     # -- layout --------------------------------------------------------------------------------------
@@ -352,6 +352,19 @@ class ExperimentAdmin(admin.ModelAdmin):
                                                    reverse("admin:experiment_experiment_change", args=[copy.pk]),
                                                    copy.name, copy.slug), messages.SUCCESS)
 
+    @admin.action(description="Export data (zip of CSV tables + codebook)", permissions=["view"])
+    def export_bundle(self, request: HttpRequest, queryset: QuerySet[Experiment]) -> HttpResponse:
+        from experiment.staff_views import experiments_bundle_response
+
+        return experiments_bundle_response(experiment_ids=list(queryset.values_list("pk", flat=True)), request=request)
+
+    @admin.action(description="Export data, recruitment ids replaced by stable pseudonyms", permissions=["view"])
+    def export_bundle_pseudonymised(self, request: HttpRequest, queryset: QuerySet[Experiment]) -> HttpResponse:
+        from experiment.staff_views import experiments_bundle_response
+
+        return experiments_bundle_response(experiment_ids=list(queryset.values_list("pk", flat=True)), request=request,
+                                           pseudonymise=True)
+
     # -- presets -------------------------------------------------------------------------------------
 
     def get_urls(self) -> list[Any]:
@@ -449,7 +462,8 @@ class SessionAdmin(admin.ModelAdmin):
     list_filter = ["status", "experiment"]
     list_select_related = ["experiment"]
     search_fields = ["label", "code", "experiment__name", "experiment__slug"]
-    actions = ["recruitment_open", "recruitment_pause", "recruitment_close"]
+    actions = ["recruitment_open", "recruitment_pause", "recruitment_close", "export_bundle", "export_bundle_pseudonymised",
+               "prolific_bonus"]
 
     def get_fieldsets(self, request: HttpRequest, obj: Session | None = None) -> list[tuple[str | None, dict[str, Any]]]:
         fieldsets: list[tuple[str | None, dict[str, Any]]] = [(name, dict(options)) for name, options in SESSION_FIELDSETS]
@@ -633,6 +647,28 @@ class SessionAdmin(admin.ModelAdmin):
     @admin.action(description="Close recruitment (no new people; those in continue)", permissions=["change"])
     def recruitment_close(self, request: HttpRequest, queryset: QuerySet[Session]) -> None:
         self._recruitment(request, queryset, Session.Status.CLOSED, "closed")
+
+    @admin.action(description="Export data (zip of CSV tables + codebook)", permissions=["view"])
+    def export_bundle(self, request: HttpRequest, queryset: QuerySet[Session]) -> HttpResponse:
+        from experiment.staff_views import sessions_bundle_response
+
+        return sessions_bundle_response(session_ids=list(queryset.values_list("pk", flat=True)), request=request)
+
+    @admin.action(description="Export data, recruitment ids replaced by stable pseudonyms", permissions=["view"])
+    def export_bundle_pseudonymised(self, request: HttpRequest, queryset: QuerySet[Session]) -> HttpResponse:
+        from experiment.staff_views import sessions_bundle_response
+
+        return sessions_bundle_response(session_ids=list(queryset.values_list("pk", flat=True)), request=request,
+                                        pseudonymise=True)
+
+    @admin.action(description="Download the Prolific bonus file (one session)", permissions=["view"])
+    def prolific_bonus(self, request: HttpRequest, queryset: QuerySet[Session]) -> HttpResponse | None:
+        from experiment.staff_views import prolific_bonus_response
+
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one session for its bonus file.", messages.WARNING)
+            return None
+        return prolific_bonus_response(session_id=queryset.get().pk)
 
 
 # ---- game data: read-only ------------------------------------------------------------------------------

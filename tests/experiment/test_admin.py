@@ -488,3 +488,38 @@ def test_a_participant_token_does_not_open_the_admin(client: Client) -> None:
     response = client.post("/admin/login/", {"username": token, "password": token, "next": "/admin/"})
     assert response.status_code == 200 and "_auth_user_id" not in client.session
     assert not Choice.objects.exists()
+
+
+def _zip_names(response) -> set[str]:
+    import io
+    import zipfile
+
+    body = b"".join(response.streaming_content) if response.streaming else response.content
+    return set(zipfile.ZipFile(io.BytesIO(body)).namelist())
+
+
+def test_export_actions_on_sessions_and_experiments_download_the_bundle(admin_client: Client) -> None:
+    session = factories.session_create(capacity=10)
+    factories.people_onboard(session, 2)
+    for url, pk in ((reverse("admin:experiment_session_changelist"), session.pk),
+                    (reverse("admin:experiment_experiment_changelist"), session.experiment.pk)):
+        for action in ("export_bundle", "export_bundle_pseudonymised"):
+            response = admin_client.post(url, {"action": action, "_selected_action": [pk]})
+            assert response.status_code == 200, (url, action)
+            names = _zip_names(response)
+            assert {"codebook.md", "codebook.json"} <= names
+            assert any(name.endswith("choices.csv") for name in names)
+
+
+def test_bonus_action_needs_one_session_and_gives_the_prolific_file(admin_client: Client) -> None:
+    session = factories.session_create(capacity=10)
+    other = factories.session_create(capacity=10)
+    p = services.participant_join(session_id=session.pk, prolific_pid="PID42")
+    Participant.objects.filter(pk=p.pk).update(payoff=150)
+    url = reverse("admin:experiment_session_changelist")
+    response = admin_client.post(url, {"action": "prolific_bonus", "_selected_action": [session.pk]})
+    assert response.status_code == 200
+    assert response.content.decode().strip() == "PID42,1.50"
+    response = admin_client.post(url, {"action": "prolific_bonus", "_selected_action": [session.pk, other.pk]},
+                                 follow=True)
+    assert "Select exactly one session" in response.content.decode()
