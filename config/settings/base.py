@@ -19,6 +19,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI served from our own static files: the docs work offline
     "experiment",
     "bots",
 ]
@@ -86,6 +87,9 @@ SPECTACULAR_SETTINGS = {
                    "and LLM calls. Authenticate with a staff session or `Authorization: Token <key>`. Filter lists "
                    "with `?session=<id>` and `?experiment=<slug>`; pages of 100 (`?page=`, `?page_size=` up to 1000).",
     "VERSION": "1",
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     "SCHEMA_PATH_PREFIX": "/api/",
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAdminUser"],
 }

@@ -163,3 +163,9 @@ def test_schema_validates_and_docs_render(played: Session, staff: Client) -> Non
     assert {"cookieAuth", "tokenAuth"} <= set(schema["components"]["securitySchemes"])
     docs = staff.get("/api/docs/")
     assert docs.status_code == 200 and b"swagger" in docs.content.lower()
+
+
+def test_api_docs_page_uses_local_assets_only(admin_client) -> None:
+    page = admin_client.get("/api/docs/").content.decode()
+    assert "swagger-ui" in page
+    assert "cdn." not in page and "unpkg" not in page, "the docs must not depend on a CDN"
