@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from django.db import close_old_connections, transaction
+from django.db import OperationalError, close_old_connections, connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -57,6 +57,7 @@ APPLY_MARGIN = 0.3  # the latest release is this long before the deadline
 MIN_RETRY_ROOM = 1.0  # no retry that would start less than this before the deadline
 BACKOFF_BASE, BACKOFF_CAP = 1.0, 20.0
 CLOSED_CODES = {"wrong_phase", "phase_closed", "game_over"}
+SQLITE_LOCK_RETRIES = 40
 
 
 @dataclass(frozen=True)
@@ -384,11 +385,20 @@ def decide_now(*, participant_id: int, round_number: int, phase: str) -> RetryAt
 
 
 def _db_step(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    close_old_connections()
-    try:
-        return fn(*args, **kwargs)
-    finally:
+    """One database step of a turn, with fresh connections. Each step is safe to run again, so a step that
+    SQLite refused because another thread held its write lock is retried (its busy timeout does not cover
+    every case, e.g. shared-cache databases)."""
+    for attempt in range(SQLITE_LOCK_RETRIES):
         close_old_connections()
+        try:
+            return fn(*args, **kwargs)
+        except OperationalError as exc:
+            if "locked" not in str(exc) or attempt == SQLITE_LOCK_RETRIES - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+        finally:
+            close_old_connections()
+    raise AssertionError("unreachable")
 
 
 async def decide_async(*, participant_id: int, round_number: int, phase: str) -> RetryAt | None:
@@ -432,7 +442,9 @@ class Background:
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 loop = asyncio.new_event_loop()
-                self._executor = concurrent.futures.ThreadPoolExecutor(self._db_threads, thread_name_prefix="llm-db")
+                # SQLite has one writer at a time: more threads would only queue on its lock.
+                threads = 1 if connection.vendor == "sqlite" else self._db_threads
+                self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llm-db")
                 threading.Thread(target=loop.run_forever, name="llm-loop", daemon=True).start()
                 self._loop = loop
                 atexit.register(self._close, loop)
