@@ -365,6 +365,10 @@ class Message(models.Model):
         ordering = ["round_number", "candidate__seat"]
         constraints = [models.UniqueConstraint(fields=["candidate", "round_number"], name="message_one_per_round")]
 
+    def __str__(self) -> str:
+        return f"pitch of {self.candidate_id} in round {self.round_number}"
+
+
 
 class Choice(models.Model):
     """A selector's choice in one round."""
@@ -393,6 +397,10 @@ class Choice(models.Model):
             models.CheckConstraint(condition=Q(candidate__isnull=False) | Q(sent=0), name="choice_none_sends_zero"),
         ]
 
+    def __str__(self) -> str:
+        return f"choice of {self.selector_id} in round {self.round_number}"
+
+
 
 class Return(models.Model):
     """A chosen candidate's return to one selector."""
@@ -408,6 +416,10 @@ class Return(models.Model):
     class Meta:
         constraints = [models.CheckConstraint(condition=Q(returned__lte=F("available")), name="return_within_available")]
 
+    def __str__(self) -> str:
+        return f"return {self.returned}/{self.available} for choice {self.choice_id}"
+
+
 
 class RoundPayoff(models.Model):
     """Points a participant earned in one round."""
@@ -418,6 +430,10 @@ class RoundPayoff(models.Model):
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["participant", "round_number"], name="payoff_one_per_round")]
+
+    def __str__(self) -> str:
+        return f"{self.points} points for {self.participant_id} in round {self.round_number}"
+
 
 
 class Belief(models.Model):
@@ -443,11 +459,19 @@ class Belief(models.Model):
                                    name="belief_confidence_range"),
         ]
 
+    def __str__(self) -> str:
+        return f"belief of {self.selector_id} about {self.candidate_id} in round {self.round_number}"
+
+
 
 class QuestionnaireResponse(models.Model):
     participant = models.OneToOneField(Participant, on_delete=models.CASCADE, related_name="questionnaire")
     answers = models.JSONField(help_text="Answers keyed by question id.")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"questionnaire of {self.participant_id}"
+
 
 
 class Event(models.Model):
@@ -466,3 +490,7 @@ class Event(models.Model):
 
     class Meta:
         ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.type} at {self.created_at:%Y-%m-%d %H:%M:%S}"
+

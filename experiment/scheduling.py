@@ -12,6 +12,7 @@ twice, late, or not at all (the sweep closes overdue phases) never corrupts a ga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -128,10 +129,8 @@ class InProcessRunner:
                     next_due = self._heap[0][0] if self._heap else now + 3600
                 wait = max(0.0, min(next_due, next_sweep if sweep_every > 0 else next_due) - time.time())
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
-                except TimeoutError:
-                    pass
         finally:
             for task in tasks:
                 task.cancel()

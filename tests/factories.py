@@ -47,7 +47,7 @@ def people_onboard(session: Session, n: int) -> list[int]:
     return ids
 
 
-def group_start(session: Session):  # noqa: ANN201
+def group_start(session: Session):
     """A full group for the session's experiment, formed through the lobby. Returns the Group."""
     ids = people_onboard(session, session.experiment.n_humans)
     from experiment.models import Participant

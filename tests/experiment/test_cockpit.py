@@ -69,7 +69,7 @@ def test_cockpit_refuses_anonymous_participants_and_non_staff(client, game) -> N
 
 @pytest.mark.django_db(transaction=True)
 def test_staff_pages_render(client, staff, game) -> None:
-    session, group = game
+    session, _group = game
     client.force_login(staff)
     for url in ("/cockpit/", f"/cockpit/sessions/{session.pk}/", f"/cockpit/sessions/{session.pk}/payments/",
                 f"/cockpit/sessions/{session.pk}/spend/"):
@@ -88,7 +88,7 @@ def _post(client, url: str) -> dict:
 
 @pytest.mark.django_db(transaction=True)
 def test_pause_stops_the_clock_and_resume_restarts_it(client, staff, game) -> None:
-    session, group = game
+    _session, group = game
     client.force_login(staff)
     selector = next(p for p in _people(group) if p.role == "selector")
     assert _post(client, f"/cockpit/groups/{group.pk}/pause/")["ok"]
@@ -114,7 +114,7 @@ def test_pause_stops_the_clock_and_resume_restarts_it(client, staff, game) -> No
 
 @pytest.mark.django_db(transaction=True)
 def test_close_phase_now_applies_defaults(client, staff, game) -> None:
-    session, group = game
+    _session, group = game
     client.force_login(staff)
     assert _post(client, f"/cockpit/groups/{group.pk}/close-phase/")["ok"]
     group.refresh_from_db()
@@ -126,7 +126,7 @@ def test_close_phase_now_applies_defaults(client, staff, game) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_remove_and_replace_participants(client, staff, game) -> None:
-    session, group = game
+    _session, group = game
     client.force_login(staff)
     people = _people(group)
     candidate = next(p for p in people if p.role == "candidate")
@@ -182,7 +182,7 @@ async def _monitor(client, session_id: int) -> WebsocketCommunicator:
 async def test_monitor_gets_live_updates_when_participants_act(client, staff) -> None:
     experiment = await database_sync_to_async(factories.experiment_create)(n_rounds=1, **factories.FAST)
     session = await database_sync_to_async(factories.session_create)(experiment, capacity=10)
-    group = await database_sync_to_async(factories.group_start)(session)
+    await database_sync_to_async(factories.group_start)(session)
     await database_sync_to_async(client.force_login)(staff)
     comm = await _monitor(client, session.pk)
     state = json.loads(await comm.receive_from(timeout=5))
