@@ -402,6 +402,7 @@
     liveUpdaters = [];
     var view = buildView();
     app.replaceChildren(view);
+    markWhere();
     tick();
     document.title = titleOf();
 
@@ -422,6 +423,17 @@
         focusHeading();
       }
     }
+  }
+
+  /** Where the page is, as attributes of #app: a stable hook for browser tests and support tools. */
+  function markWhere() {
+    var g = state && state.stage === "playing" ? state.game : null;
+    var marks = { "data-stage": state ? state.stage : "connecting", "data-round": g ? g.round : null, "data-phase": g ? g.phase : null,
+      "data-role": state && state.me && state.me.role ? state.me.role : null, "data-seat": state && state.me && state.me.seat ? state.me.seat : null };
+    Object.keys(marks).forEach(function (name) {
+      if (marks[name] === null) app.removeAttribute(name);
+      else app.setAttribute(name, String(marks[name]));
+    });
   }
 
   function focusHeading() {
