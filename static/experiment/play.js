@@ -4,8 +4,8 @@
  * The server owns the game. It sends the full state of this seat on every (re)connect and whenever
  * the seat's view changes; this page only renders that state and sends the participant's decisions
  * (docs/protocol.md). What the page remembers on its own is UI memory: drafts of what was typed,
- * which submission waits for its ack, errors, the last quiz result. Drafts survive re-renders within
- * one step (stage, or round + phase) and are dropped when the step changes.
+ * which submission waits for its ack, errors, the last quiz result. Drafts survive re-renders and
+ * reloads within one step (stage, or round + phase) and are dropped when the step changes.
  *
  * Safety rule: text from people or from the server is inserted with text nodes only (the h() helper
  * below never parses HTML), so a "<script>" in a pitch is shown as text.
@@ -66,7 +66,7 @@
 
   function enterScope(scope) {
     ui.scope = scope;
-    ui.drafts = {};
+    ui.drafts = storedDrafts(scope);
     ui.touched = {};
     ui.pending = {};
     ui.acked = {};
@@ -75,7 +75,35 @@
     ui.confirmDecline = false;
     ui.quizResult = null;
     refs = {};
+    storeDrafts(); // drops the previous step's drafts
   }
+
+  // Drafts are also kept in this tab's sessionStorage, so that a reload (or a phone browser that
+  // discards a background tab) does not lose what was typed. They belong to this seat and this step
+  // only, and sessionStorage ends with the tab. Without storage (blocked, full) drafts just do not
+  // survive a reload.
+  var DRAFT_STORE = "partnerlab.drafts:" + WS_PATH;
+
+  function storedDrafts(scope) {
+    try {
+      var saved = JSON.parse(window.sessionStorage.getItem(DRAFT_STORE) || "null");
+      return saved && saved.scope === scope && saved.drafts && typeof saved.drafts === "object" ? saved.drafts : {};
+    } catch (err) {
+      return {};
+    }
+  }
+
+  function storeDrafts() {
+    try {
+      window.sessionStorage.setItem(DRAFT_STORE, JSON.stringify({ scope: ui.scope, drafts: ui.drafts }));
+    } catch (err) { /* no storage: see above */ }
+  }
+
+  // Every control writes its draft in its own handler; store them after those handlers (a slider moved
+  // by a key sets its draft in a timeout, hence the deferral).
+  ["input", "change", "keyup", "pointerup"].forEach(function (type) {
+    app.addEventListener(type, function () { setTimeout(storeDrafts); });
+  });
 
   // ---- DOM helpers (text nodes only: never innerHTML) ------------------------------------------------
 
