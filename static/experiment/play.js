@@ -178,15 +178,19 @@
   function live(fn) { liveUpdaters.push(fn); fn(); }
   function tick() { liveUpdaters.forEach(function (fn) { fn(); }); }
 
-  /** A "m:ss" countdown to a server time; ``onZero`` text replaces it once the time has passed. */
+  /**
+   * A "m:ss" countdown to a server time; ``onZero`` text replaces it once the time has passed. It turns
+   * red in its last ``urgent`` seconds (10 by default; 0: never).
+   */
   function countdown(iso, opts) {
     opts = opts || {};
+    var urgent = opts.urgent === undefined ? 10 : opts.urgent;
     var el = h("span", { class: "countdown" });
     live(function () {
       var left = secondsUntil(iso);
       var text = left === null ? "–" : left <= 0 && opts.onZero ? opts.onZero : formatSeconds(left);
       if (el.textContent !== text) el.textContent = text;
-      el.classList.toggle("urgent", left !== null && left > 0 && left <= (opts.urgent || 10));
+      el.classList.toggle("urgent", left !== null && left > 0 && left <= urgent);
     });
     return el;
   }
@@ -732,7 +736,8 @@
     if (isPaused()) {
       timer.appendChild(h("span", { class: "countdown" }, "Paused"));
     } else {
-      timer.appendChild(countdown(g.deadline, { onZero: "0:00" }));
+      // Red means "decide now": only when this seat still owes a decision, not while it just waits.
+      timer.appendChild(countdown(g.deadline, { onZero: "0:00", urgent: g.todo ? 10 : 0 }));
     }
     return h("header", { class: "gamebar" },
       h("div", { class: "gamebar-inner" },
