@@ -1020,7 +1020,8 @@
           ledgerRow("Your payoff this round", points(f.round_payoff !== null && f.round_payoff !== undefined ? f.round_payoff : f.payoff), "total")));
     } else {
       var rows = (g.to_return || []).map(function (t) {
-        return ledgerRow(t.name + ": received " + t.multiplied + ", returned " + (t.returned || 0), "+ " + (t.multiplied - (t.returned || 0)));
+        return ledgerRow(t.name + ": you received " + t.multiplied + " and returned " + (t.returned || 0),
+          "+ " + (t.multiplied - (t.returned || 0)));
       });
       box = h("section", { class: "card result" },
         h("p", null, rows.length ? (rows.length === 1 ? "One selector" : rows.length + " selectors") + " chose you this round."
