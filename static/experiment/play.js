@@ -558,13 +558,15 @@
 
   /**
    * A whole-number field with a slider, both editing one draft. Without a draft the field is empty and
-   * the slider is marked unset: the page never suggests an amount.
+   * the slider is marked unset: the page never suggests an amount. ``label`` is the field's accessible
+   * name; ``shortLabel`` (optional) is what the label shows, where the card around it says the rest.
    */
   function amountField(opts) {
     var key = opts.key, min = opts.min, max = opts.max;
     var value = draft(key, "");
     var number = h("input", { type: "number", id: opts.id, class: "amount-number", min: min, max: max, step: 1,
       inputmode: "numeric", value: value, placeholder: min + "–" + max, disabled: opts.disabled,
+      "aria-label": opts.shortLabel ? opts.label : null,
       "aria-describedby": opts.id + "-hint", required: true });
     var slider = h("input", { type: "range", id: opts.id + "-range", class: "amount-range" + (value === "" ? " unset" : ""),
       min: min, max: max, step: 1, value: value === "" ? min : value, disabled: opts.disabled,
@@ -590,7 +592,7 @@
       if (/^(Arrow|Home|End|Page)/.test(e.key)) setTimeout(fromSlider);
     });
     return h("div", { class: "field amount" },
-      h("label", { for: opts.id }, opts.label),
+      h("label", { for: opts.id }, opts.shortLabel || opts.label),
       h("div", { class: "amount-row" }, slider, number, opts.unit ? h("span", { class: "unit" }, opts.unit) : null),
       h("p", { class: "hint", id: opts.id + "-hint" }, opts.hint || ("A whole number from " + min + " to " + max + ".")));
   }
@@ -1070,7 +1072,8 @@
           h("div", { class: "options row" }, radios(name, "belief." + c.seat + ".guess",
             [{ value: "human", label: "Human" }, { value: "bot", label: "Bot" }], { pill: true, disabled: isLocked(key), onchange: refresh }))),
         amountField({ id: name + "-conf", key: "belief." + c.seat + ".conf", min: 50, max: 100, unit: "%", disabled: isLocked(key),
-          label: "How sure are you about " + c.name + "?", hint: "50 % = just guessing, 100 % = completely sure.", onchange: refresh }));
+          label: "How sure are you about " + c.name + "?",
+          shortLabel: "How sure are you?", hint: "50 % = just guessing, 100 % = completely sure.", onchange: refresh }));
     });
     var form = h("form", { novalidate: true, onsubmit: function (ev) {
       ev.preventDefault();
