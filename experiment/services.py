@@ -22,6 +22,7 @@ from experiment.models import (
     Belief,
     Choice,
     Event,
+    Experiment,
     Group,
     Message,
     Participant,
@@ -64,13 +65,29 @@ def _lock_group(group_id: int) -> Group:
             .select_related("session__experiment", "condition").get(pk=group_id))
 
 
-def _lock_participant(participant_id: int) -> Participant:
+def _lock_participant(participant_id: int, *, with_session: bool = True) -> Participant:
+    """Lock the participant's row, and first the whole session's when ``with_session``.
+
+    Only what may change the lobby or the groups needs the session lock; steps that change one person
+    alone (consent, instructions, a wrong quiz, the questionnaire) lock just their row, so a session's
+    arrivals do not queue behind each other (measured with bench/load.py).
+    """
     try:
         session_id = Participant.objects.values_list("session_id", flat=True).get(pk=participant_id)
     except Participant.DoesNotExist:
         raise RuleError("unknown_participant", "No such participant.") from None
-    _lock_session(session_id)
-    return Participant.objects.select_related("session__experiment").get(pk=participant_id)
+    if with_session:
+        _lock_session(session_id)
+    return (Participant.objects.select_for_update(of=("self",)).select_related("session__experiment")
+            .get(pk=participant_id))
+
+
+def _peek_experiment(participant_id: int) -> Experiment:
+    """The participant's experiment, read without locking (to decide which locks an action needs)."""
+    try:
+        return Participant.objects.select_related("session__experiment").get(pk=participant_id).session.experiment
+    except Participant.DoesNotExist:
+        raise RuleError("unknown_participant", "No such participant.") from None
 
 
 def _require_stage(p: Participant, stage: str) -> None:
@@ -114,7 +131,7 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
 
 @transaction.atomic
 def consent_submit(*, participant_id: int, accept: bool) -> None:
-    p = _lock_participant(participant_id)
+    p = _lock_participant(participant_id, with_session=False)
     _require_stage(p, P.Status.CONSENT)
     if not isinstance(accept, bool):
         raise RuleError("invalid_message", '"accept" must be true or false.')
@@ -128,10 +145,11 @@ def consent_submit(*, participant_id: int, accept: bool) -> None:
 
 @transaction.atomic
 def instructions_done(*, participant_id: int) -> None:
-    p = _lock_participant(participant_id)
+    has_quiz = bool(_peek_experiment(participant_id).quiz)  # without a quiz, this enters the lobby
+    p = _lock_participant(participant_id, with_session=not has_quiz)
     _require_stage(p, P.Status.INSTRUCTIONS)
     _log(session_id=p.session_id, type="instructions.read", participant=p)
-    if p.session.experiment.quiz:
+    if has_quiz:
         p.status = P.Status.QUIZ
         p.save(update_fields=["status"])
         events.refresh_on_commit(events.seat_channel(p.pk))
@@ -142,12 +160,13 @@ def instructions_done(*, participant_id: int) -> None:
 @transaction.atomic
 def quiz_submit(*, participant_id: int, answers: object) -> dict[str, Any]:
     """Check the comprehension quiz. Wrong answers may be retried; the result lists the wrong ones."""
-    p = _lock_participant(participant_id)
+    quiz = _peek_experiment(participant_id).quiz
+    wrong = ([i for i, item in enumerate(quiz) if str(answers.get(str(i), "")) != item["answer"]]
+             if isinstance(answers, dict) else None)
+    p = _lock_participant(participant_id, with_session=wrong == [])  # only right answers enter the lobby
     _require_stage(p, P.Status.QUIZ)
-    if not isinstance(answers, dict):
+    if not isinstance(answers, dict) or wrong is None:
         raise RuleError("invalid_message", '"answers" must map question numbers to answers.')
-    quiz = p.session.experiment.quiz
-    wrong = [i for i, item in enumerate(quiz) if str(answers.get(str(i), "")) != item["answer"]]
     p.quiz_attempts += 1
     p.save(update_fields=["quiz_attempts"])
     _log(session_id=p.session_id, type="quiz.submitted", participant=p,
@@ -480,11 +499,12 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
         p.save(update_fields=["consecutive_timeouts"])
     _log(session_id=group.session_id, type=type, group=group, participant=p, payload=payload)
     _bump(group)
-    events.refresh_on_commit(events.seat_channel(p.pk))
     round_number, phase = group.round_number, group.phase
     now = timezone.now()
     _advance(group, params, now)
     if (group.round_number, group.phase) == (round_number, phase):
+        # When the action closed the phase, the group's refresh already brings this seat its new state.
+        events.refresh_on_commit(events.seat_channel(p.pk))
         events.forward_on_commit(events.group_channel(group.pk), {
             "type": "progress", "version": group.version, "round": round_number, "phase": phase,
             **progress(group, params)})
@@ -594,7 +614,7 @@ def belief_submit(*, participant_id: int, round_number: int, beliefs: object, au
 def questionnaire_submit(*, participant_id: int, answers: object) -> None:
     from experiment.questionnaire import clean_answers
 
-    p = _lock_participant(participant_id)
+    p = _lock_participant(participant_id, with_session=False)
     _require_stage(p, P.Status.QUESTIONNAIRE)
     clean = clean_answers(answers)
     QuestionnaireResponse.objects.create(participant=p, answers=clean)
