@@ -241,6 +241,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     code = 1
     say = (lambda *_: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
+        if not _port_free(args.port):
+            # Otherwise the clients would silently measure whatever already answers there.
+            raise SystemExit(f"Port {args.port} on {HOST} is in use; choose another with --port.")
         say(f"Preparing database {args.database} and Redis db {args.redis_db} …")
         _recreate_database(args.postgres, args.database)
         _flush_redis(env["REDIS_URL"])
@@ -308,6 +311,18 @@ def main(argv: Iterable[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report))
     return code
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: TIME_WAIT is no conflict
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def _recreate_database(server: str, name: str) -> None:

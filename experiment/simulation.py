@@ -501,6 +501,13 @@ def _shareable_database() -> dict[str, Any]:
 def builtin_server(*, port: int | None = None, startup_timeout: float = 60.0) -> Iterator[str]:
     """Run the platform (uvicorn, current settings and database) on 127.0.0.1 while the block runs."""
     databases = _shareable_database()
+    if port is not None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no conflict
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                raise SimulationError(f"Port {port} on 127.0.0.1 is in use; choose another with --port.") from None
     port = port or free_port()
     env = {**os.environ, SERVER_ENV: json.dumps({"port": port, "databases": databases}, default=str)}
     root = Path(__file__).resolve().parent.parent
