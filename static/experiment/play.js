@@ -981,7 +981,7 @@
     });
     var open = items.filter(function (t) { return t.returned === null || t.returned === undefined; }).length;
     return [heading(open ? "Decide your " + plural(items.length, "return", "returns") : "Your returns"),
-      items.length > 1 ? h("p", { class: "muted" }, items.length + " selectors chose you. Decide each return separately.") : null,
+      items.length > 1 ? h("p", { class: "muted" }, items.length + " selectors chose you." + (open ? " Decide each return separately." : "")) : null,
       forms, g.todo ? null : waiting("Waiting for the other candidates.", null)];
   }
 
