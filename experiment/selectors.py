@@ -97,7 +97,8 @@ def _redirect_for(url: str, completion_code: str, code: str) -> str:
 
 def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
     r, phase = group.round_number, Phase(group.phase)
-    seats = list(group.participants.all())
+    # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
+    seats = list(group.participants.order_by())
     by_id = {s.pk: s for s in seats}
     candidates = sorted((s for s in seats if s.role == P.Role.CANDIDATE), key=lambda s: s.seat)
     policy = group.condition.label_policy()
@@ -110,7 +111,7 @@ def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
         "payoff_total": p.payoff,
         "todo": False,
     }
-    messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r)}
+    messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r).order_by()}
     show_messages = phase != Phase.PITCH
 
     def card(c: Participant) -> dict[str, Any]:
@@ -120,7 +121,7 @@ def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
                 "message": (m.text if m else "") if show_messages else None}
 
     if p.role == P.Role.SELECTOR:
-        mine = {c.round_number: c for c in Choice.objects.filter(selector=p).select_related("candidate", "return_decision")}
+        mine = {c.round_number: c for c in Choice.objects.filter(selector=p).select_related("candidate", "return_decision").order_by()}
         history: dict[str, dict[str, Any]] = defaultdict(lambda: {"rounds": [], "sent": 0, "returned": 0})
         for rn, c in sorted(mine.items()):
             if c.candidate_id and (rn < r or phase in (Phase.FEEDBACK, Phase.BELIEF)):
