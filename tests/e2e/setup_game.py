@@ -25,7 +25,7 @@ COMPLETION_CODE = "E2EDONE42"
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "e2e-two-rounds": {"n_rounds": 2, "belief_rounds": "last"},
     "e2e-one-round": {"n_rounds": 1, "belief_rounds": ""},
-    # The reload test reloads three times within one choice phase: give it time on a slow machine.
+    # The reload test reloads twice within one choice phase: give it time on a slow machine.
     "e2e-one-round-slow-choice": {"n_rounds": 1, "belief_rounds": "", "choice_seconds": 40},
 }
 PHASE_SECONDS = {"pitch_seconds": 12, "choice_seconds": 20, "return_seconds": 15, "belief_seconds": 20, "feedback_seconds": 8}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from playwright.sync_api import expect
+from playwright.sync_api import Locator, expect
 
 from tests.e2e.conftest import Platform
 from tests.e2e.participant import Person, points
@@ -28,6 +28,7 @@ DESKTOP = {"viewport": {"width": 1280, "height": 900}, "locale": "en-GB"}
 ANSWERS = {"age": 34, "gender": "prefer not to say", "attitude": 5, "suspected": "yes"}
 
 View = Callable[[Person, str], None]
+People = Callable[..., Person]
 
 
 def screenshot_only(person: Person, label: str) -> None:
@@ -50,7 +51,7 @@ def seat_of(public_name: str) -> str:
     return f"S{number}" if kind == "Selector" else number
 
 
-def left_phase(person: Person, phase: str):
+def left_phase(person: Person, phase: str) -> Locator:
     return person.page.locator(f'#app:not([data-phase="{phase}"])')
 
 
@@ -237,7 +238,7 @@ def assert_pair_stored(platform: Platform, sel: Person, cand: Person, played: Pl
 
 # ---- the tests ------------------------------------------------------------------------------------------------
 
-def test_two_people_play_a_whole_game_with_synthetic_participants(platform: Platform, people) -> None:
+def test_two_people_play_a_whole_game_with_synthetic_participants(platform: Platform, people: People) -> None:
     sel = people("selector", **DESKTOP)
     cand = people("candidate", **DESKTOP)
     into_the_game(sel, cand, "full_game", platform, screenshot_only)
@@ -271,7 +272,7 @@ def test_two_people_play_a_whole_game_with_synthetic_participants(platform: Plat
     assert {seat for seat, (guess, _) in played.beliefs.items() if guess == "bot"} == bots
 
 
-def test_reload_in_the_middle_of_a_phase_keeps_the_round_the_draft_and_the_choice(platform: Platform, people) -> None:
+def test_reload_in_the_middle_of_a_phase_keeps_the_round_the_draft_and_the_choice(platform: Platform, people: People) -> None:
     sel = people("selector", **DESKTOP)
     other = people("other-selector", **DESKTOP)
     into_the_game(sel, other, "reload", platform, screenshot_only)
@@ -316,7 +317,7 @@ def test_reload_in_the_middle_of_a_phase_keeps_the_round_the_draft_and_the_choic
     assert stored_choices(platform, s["id"]) == {1: (seat_of(name), 3, 9, 0)}
 
 
-def test_phone_sized_screen_plays_a_whole_round_without_sideways_scrolling(platform: Platform, people) -> None:
+def test_phone_sized_screen_plays_a_whole_round_without_sideways_scrolling(platform: Platform, people: People) -> None:
     sel = people("phone-selector", **PHONE)
     cand = people("phone-candidate", **PHONE)
     widths: list[tuple[str, str, int]] = []
@@ -336,7 +337,7 @@ def test_phone_sized_screen_plays_a_whole_round_without_sideways_scrolling(platf
     assert any(label == "r1-choice-filled" for _, label, _ in widths)
 
 
-def test_keyboard_only_choice(platform: Platform, people) -> None:
+def test_keyboard_only_choice(platform: Platform, people: People) -> None:
     person = people("keyboard", **DESKTOP)
     person.join("keyboard")
     person.onboard(platform.sessions["keyboard"]["quiz"])
