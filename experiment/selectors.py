@@ -170,7 +170,7 @@ def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
     if phase in (Phase.FEEDBACK, Phase.BELIEF):
         points = RoundPayoff.objects.filter(participant=p, round_number=r).values_list("points", flat=True).first()
         g.setdefault("feedback", {})["round_payoff"] = points
-        if group.session.experiment.show_public_tally:
+        if p.session.experiment.show_public_tally:  # already loaded; group.session would cost 2 queries
             tally = dict.fromkeys((c.seat for c in candidates), 0)
             for seat in Choice.objects.filter(group=group, round_number=r, candidate__isnull=False).values_list(
                     "candidate__seat", flat=True):
