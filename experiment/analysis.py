@@ -96,7 +96,11 @@ def _conditions_order(scope: Scope) -> dict[str, int]:
 
 
 def counted_choices(*, scope: Scope, include_timeouts: bool = False) -> QuerySet:
-    qs = Choice.objects.filter(scope.q("group__session"), candidate__isnull=False, selector__kind=P.Kind.HUMAN)
+    """Choices people made in human selector seats. A choice a bot or synthetic filler made in such a seat
+    (after a takeover, or in a demo) is not a human preference and is left out."""
+    machine = [P.Controller.SCRIPTED, P.Controller.LLM, P.Controller.SYNTHETIC]
+    qs = (Choice.objects.filter(scope.q("group__session"), candidate__isnull=False, selector__kind=P.Kind.HUMAN)
+          .exclude(decided_by__in=machine))
     return qs if include_timeouts else qs.filter(timed_out=False)
 
 

@@ -413,20 +413,14 @@ def _choices_columns() -> list[Column]:
             "Points the candidate kept from this selector's transfer (multiplied − returned); empty until decided.",
             type="integer", unit="points"),
         col("choice_timed_out", "timed_out", "True when the choice is the default applied at the deadline."),
+        col("choice_decided_by", "decided_by"),
         col("choice_seconds", "decision_seconds", unit="seconds"),
         col("return_timed_out", "return_decision__timed_out", "True when the return is the default (0) applied at the deadline."),
+        col("return_decided_by", "return_decision__decided_by", "What made the return decision: {help}"),
         col("return_seconds", "return_decision__decision_seconds", unit="seconds"),
         col("chosen_at", "created_at"),
         col("returned_at", "return_decision__created_at", "Server time the return was stored (UTC)."),
     ]
-
-
-def _pitch_seconds() -> Expression:
-    # The pitch time is logged with the accepted submission (Message has no phase start of its own).
-    submitted = Event.objects.filter(type="pitch.submitted", participant=OuterRef("candidate"),
-                                     round_number=OuterRef("round_number")).order_by("id")
-    return Subquery(submitted.annotate(s=Cast(KeyTextTransform("seconds", "payload"), FloatField())).values("s")[:1],
-                    output_field=FloatField())
 
 
 def _times_chosen() -> Expression:
@@ -443,8 +437,9 @@ def _messages_columns() -> list[Column]:
         col("text", "text"),
         col("length", Length("text"), "Length of the text.", type="integer", unit="characters"),
         col("timed_out", "timed_out"),
-        col("seconds", _pitch_seconds(), "Seconds from the start of the pitch phase to the message; empty when timed out.",
-            type="number", unit="seconds"),
+        col("decided_by", "decided_by"),
+        col("seconds", "decision_seconds", "Seconds from the start of the pitch phase to the message; empty when timed out.",
+            unit="seconds"),
         col("times_chosen", _times_chosen(), "How many selectors chose this candidate in this round.", type="integer"),
         col("created_at", "created_at"),
     ]
@@ -463,6 +458,7 @@ def _returns_columns() -> list[Column]:
         col("return_ratio", _ratio("returned", "available"), "returned / available; empty when nothing was available.",
             type="number", unit="share 0..1"),
         col("timed_out", "timed_out"),
+        col("decided_by", "decided_by"),
         col("decision_seconds", "decision_seconds", unit="seconds"),
         col("created_at", "created_at"),
     ]

@@ -359,6 +359,11 @@ class Message(models.Model):
     candidate = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="messages")
     text = models.TextField(blank=True, help_text="The message as written, stored as plain text.")
     timed_out = models.BooleanField(default=False, help_text="True when the phase closed before the candidate wrote.")
+    decided_by = models.CharField(
+        max_length=10, choices=Participant.Controller.choices, blank=True,
+        help_text="What made this decision: person, synthetic, scripted or llm; empty when a default was applied. "
+                  "Differs from the seat's kind after a bot took over a person's seat.")
+    decision_seconds = models.FloatField(null=True, blank=True, help_text="Seconds from phase start to the message.")
     created_at = models.DateTimeField(auto_now_add=True, help_text="Server time the message was stored (UTC).")
 
     class Meta:
@@ -386,6 +391,10 @@ class Choice(models.Model):
     sent = models.PositiveIntegerField(help_text="Points sent (0..E).")
     multiplied = models.PositiveIntegerField(help_text="Points the candidate received: sent × multiplier.")
     timed_out = models.BooleanField(default=False, help_text="True when the default was applied at the deadline.")
+    decided_by = models.CharField(
+        max_length=10, choices=Participant.Controller.choices, blank=True,
+        help_text="What made this decision: person, synthetic, scripted or llm; empty when a default was applied. "
+                  "Differs from the seat's kind after a bot took over a person's seat.")
     decision_seconds = models.FloatField(null=True, blank=True, help_text="Seconds from phase start to the choice.")
     created_at = models.DateTimeField(auto_now_add=True, help_text="Server time the choice was stored (UTC).")
 
@@ -410,6 +419,10 @@ class Return(models.Model):
     available = models.PositiveIntegerField(help_text="Points the candidate could return (= multiplied).")
     returned = models.PositiveIntegerField(help_text="Points returned to the selector (0..available).")
     timed_out = models.BooleanField(default=False, help_text="True when the default (0) was applied at the deadline.")
+    decided_by = models.CharField(
+        max_length=10, choices=Participant.Controller.choices, blank=True,
+        help_text="What made this decision: person, synthetic, scripted or llm; empty when a default was applied. "
+                  "Differs from the seat's kind after a bot took over a person's seat.")
     decision_seconds = models.FloatField(null=True, blank=True, help_text="Seconds from phase start to the return.")
     created_at = models.DateTimeField(auto_now_add=True, help_text="Server time the return was stored (UTC).")
 
@@ -425,7 +438,7 @@ class RoundPayoff(models.Model):
     """Points a participant earned in one round."""
 
     participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="round_payoffs")
-    round_number = models.PositiveSmallIntegerField()
+    round_number = models.PositiveSmallIntegerField(help_text="Round the points were earned in.")
     points = models.IntegerField(help_text="Points earned in the round.")
 
     class Meta:
@@ -444,13 +457,13 @@ class Belief(models.Model):
         BOT = "bot", "Bot"
 
     group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="beliefs")
-    round_number = models.PositiveSmallIntegerField()
+    round_number = models.PositiveSmallIntegerField(help_text="Round of the belief phase.")
     selector = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="beliefs")
     candidate = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="beliefs_about")
     guess = models.CharField(max_length=5, choices=Guess.choices, blank=True, help_text="human, bot, or empty when timed out.")
     confidence = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Confidence in the guess, 50..100 %.")
-    timed_out = models.BooleanField(default=False)
-    created_at = models.DateTimeField(auto_now_add=True)
+    timed_out = models.BooleanField(default=False, help_text="True when no guess was given before the deadline.")
+    created_at = models.DateTimeField(auto_now_add=True, help_text="Server time the belief was stored (UTC).")
 
     class Meta:
         constraints = [
@@ -467,7 +480,7 @@ class Belief(models.Model):
 class QuestionnaireResponse(models.Model):
     participant = models.OneToOneField(Participant, on_delete=models.CASCADE, related_name="questionnaire")
     answers = models.JSONField(help_text="Answers keyed by question id.")
-    created_at = models.DateTimeField(auto_now_add=True)
+    created_at = models.DateTimeField(auto_now_add=True, help_text="Server time the answers were stored (UTC).")
 
     def __str__(self) -> str:
         return f"questionnaire of {self.participant_id}"

@@ -532,7 +532,8 @@ def pitch_submit(*, participant_id: int, round_number: int, text: object, automa
     clean = game.check_message(text, params)
     if Message.objects.filter(candidate=p, round_number=round_number).exists():
         raise RuleError("already_submitted", "You have already sent your message this round.")
-    Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean)
+    Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean, decided_by=p.controller,
+                           decision_seconds=_seconds_since_phase_start(group))
     _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)})
 
 
@@ -547,6 +548,7 @@ def _choice_create(group: Group, params: game.Params, selector: Participant, can
         group=group, round_number=group.round_number, selector=selector, candidate=candidate,
         position=order.index(candidate.seat) + 1 if candidate else None, order=order, label_shown=label,
         sent=sent, multiplied=game.multiplied(sent, params), timed_out=timed_out,
+        decided_by="" if timed_out else selector.controller,
         decision_seconds=None if timed_out else _seconds_since_phase_start(group),
     )
 
@@ -583,7 +585,7 @@ def return_submit(*, participant_id: int, round_number: int, selector: object, a
     if Return.objects.filter(choice=choice).exists():
         raise RuleError("already_submitted", "You have already decided this return.")
     Return.objects.create(choice=choice, candidate=p, available=choice.multiplied, returned=returned,
-                          decision_seconds=_seconds_since_phase_start(group))
+                          decided_by=p.controller, decision_seconds=_seconds_since_phase_start(group))
     _acted(group, params, p, "return.submitted", {"selector": selector, "returned": returned, "available": choice.multiplied})
 
 

@@ -156,7 +156,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
                     "return_ratio": s(returned / c.multiplied if c.multiplied and ret else None),
                     "selector_payoff": s(payoff.points if payoff else None),
                     "candidate_earned": s(c.multiplied - returned if ret else None),
-                    "choice_timed_out": s(c.timed_out), "choice_seconds": s(c.decision_seconds),
+                    "choice_timed_out": s(c.timed_out), "choice_decided_by": c.decided_by,
+                    "choice_seconds": s(c.decision_seconds), "return_decided_by": ret.decided_by if ret else "",
                     "return_timed_out": s(ret.timed_out if ret else None),
                     "return_seconds": s(ret.decision_seconds if ret else None), "chosen_at": s(c.created_at),
                     "returned_at": s(ret.created_at if ret else None)}
@@ -172,11 +173,12 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
     rows = by(data["messages"], "message_id")
     assert len(rows) == 2 * 4 * playthrough.ROUNDS == len(messages)
     for m in messages:
-        event = Event.objects.get(type="pitch.submitted", participant=m.candidate, round_number=m.round_number)
+        assert Event.objects.filter(type="pitch.submitted", participant=m.candidate, round_number=m.round_number).exists()
         expected = {**_group_part(m.group), "round": s(m.round_number), "round_complete": "True",
                     "message_id": s(m.pk), "candidate_id": s(m.candidate_id), "candidate_seat": m.candidate.seat,
                     "candidate_kind": m.candidate.kind, "candidate_controller": m.candidate.controller, "text": m.text,
-                    "length": s(len(m.text)), "timed_out": s(m.timed_out), "seconds": s(event.payload["seconds"]),
+                    "length": s(len(m.text)), "timed_out": s(m.timed_out), "decided_by": m.decided_by,
+                    "seconds": s(m.decision_seconds),
                     "times_chosen": s(Choice.objects.filter(candidate=m.candidate, round_number=m.round_number).count()),
                     "created_at": s(m.created_at)}
         assert rows[s(m.pk)] == expected
@@ -196,7 +198,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
                     "selector_id": s(c.selector_id), "selector_seat": c.selector.seat, "selector_kind": c.selector.kind,
                     "selector_controller": c.selector.controller, "sent": s(c.sent), "available": s(r.available),
                     "returned": s(r.returned), "return_ratio": s(r.returned / r.available if r.available else None),
-                    "timed_out": s(r.timed_out), "decision_seconds": s(r.decision_seconds), "created_at": s(r.created_at)}
+                    "timed_out": s(r.timed_out), "decided_by": r.decided_by,
+                    "decision_seconds": s(r.decision_seconds), "created_at": s(r.created_at)}
         assert rows[s(r.pk)] == expected
 
     # beliefs

@@ -346,3 +346,34 @@ async def test_a_person_whose_seat_a_bot_took_over_still_sees_their_dropout_page
     # Synthetic humans are played by the server: nobody can connect as one.
     connected, code = await Seat(synthetic_token).comm.connect()
     assert not connected and code == 4404
+
+
+def test_decisions_record_who_made_them_after_a_takeover() -> None:
+    """A bot that took over a person's seat decides as 'scripted'; the analysis leaves those choices out."""
+    from experiment.analysis import counted_choices
+    from experiment.export import Scope
+
+    group = gamekit.group_start(dropout_after=1, dropout_policy="bot")
+    selector = gamekit.people(group, Participant.Role.SELECTOR)[0]
+    gamekit.pitch_all(group)
+    assert gamekit.at(group) == (1, "choice")
+    human_message = Message.objects.get(candidate=gamekit.people(group, Participant.Role.CANDIDATE)[0], round_number=1)
+    assert human_message.decided_by == "person" and human_message.decision_seconds is not None
+    gamekit.bots_act(group)
+    gamekit.deadline_pass(group)  # nobody chose: the people time out and (K=1) are taken over
+    selector.refresh_from_db()
+    assert selector.controller == "scripted"
+    defaulted = Choice.objects.get(selector=selector, round_number=1)
+    assert defaulted.timed_out and defaulted.decided_by == ""
+    for _ in range(10):  # to round 2's choice: the bots act, or the deadline closes what nobody does
+        gamekit.bots_act(group)
+        if gamekit.at(group) == (2, "choice"):
+            break
+        gamekit.deadline_pass(group)
+    assert gamekit.at(group) == (2, "choice")
+    gamekit.bots_act(group)
+    by_bot = Choice.objects.get(selector=selector, round_number=2)
+    assert by_bot.decided_by == "scripted" and not by_bot.timed_out
+    counted = counted_choices(scope=Scope.for_sessions([group.session_id]), include_timeouts=True)
+    assert not counted.filter(pk=by_bot.pk).exists()
+    assert counted.filter(pk=defaulted.pk).exists()
