@@ -12,12 +12,16 @@ from typing import Any
 
 from bots.policy import human_like_delay
 
-PITCHES = [
-    "Hi! I will always return a fair share of what you send me, so we both end up better off than alone. Trust me and we both win.",
-    "I believe in cooperation: send me points and I will give back at least half of what I receive, every single round. Promise.",
-    "Fairness matters to me. If you choose me, I will split the multiplied amount so that you earn more than you sent. Deal?",
-    "Choose me and I will return generously. I want a partnership that pays for both of us across all the rounds we play.",
+_OPENERS = ["Hi!", "Hello there.", "Good to meet you.", "Hey, thanks for reading."]
+_PROMISES = [
+    "I will always return a fair share of what you send me,",
+    "I give back at least half of what I receive, every single round,",
+    "I split the multiplied amount so that you earn more than you sent,",
+    "I return generously because I want a partnership that lasts,",
 ]
+_CLOSERS = ["so we both end up better off. Choose me!", "so trusting me pays off for both of us. Deal?"]
+# 32 distinct pitches of about 100-130 characters; see ScriptedBot.decide for how a seat picks one.
+PITCHES = [f"{o} {p} {c}" for o in _OPENERS for p in _PROMISES for c in _CLOSERS]
 
 
 class ScriptedBot:
@@ -32,7 +36,10 @@ class ScriptedBot:
         phase, r = game["phase"], game["round"]
         if phase == "pitch":
             limit = state["experiment"]["message_max_chars"]
-            return [{"type": "pitch.submit", "round": r, "text": rng.choice(PITCHES)[:limit]}]
+            # Seats A..Z differ by less than len(PITCHES), so two scripted bots never send the same pitch in a round.
+            seat = (state["me"]["seat"] or "A")[0]
+            text = PITCHES[(5 * r + ord(seat) - ord("A")) % len(PITCHES)]
+            return [{"type": "pitch.submit", "round": r, "text": text[:limit]}]
         if phase == "return":
             return [{"type": "return.submit", "round": r, "selector": t["selector"],
                      "amount": round(t["multiplied"] * rng.uniform(0.45, 0.65))}
