@@ -24,7 +24,7 @@ import csv
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -329,13 +329,20 @@ def _percent(x: float) -> str:
 
 def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
     """Fit ``bot ~ (round − 1) × condition`` (logit) with standard errors clustered by selector."""
+    frame = choice_frame(scope=scope, include_timeouts=include_timeouts)
+    return fit_regression(frame=frame, conditions_order=_conditions_order(scope))
+
+
+def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = None, describe: bool = True) -> Regression:
+    """:func:`regression` on a frame shaped like :func:`choice_frame` (in memory: ``manage.py power`` fits
+    simulated choices with it). ``conditions_order``: condition → rank, the reference arm is "hidden" when
+    present, else the first; ``describe=False`` skips the plain-words reading and the statsmodels summary."""
     import warnings
 
     import numpy as np
     import pandas as pd
     import statsmodels.api as sm
 
-    frame = choice_frame(scope=scope, include_timeouts=include_timeouts)
     result = Regression(n=len(frame), n_selectors=int(frame["selector_id"].nunique()) if len(frame) else 0)
     if len(frame) == 0:
         result.error = "No choices to model yet."
@@ -351,7 +358,7 @@ def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
         result.error = "At least two selectors are needed for standard errors clustered by selector."
         return result
 
-    order = _conditions_order(scope)
+    order = dict(conditions_order or {})
     conditions = sorted(frame["condition"].unique(), key=lambda c: (order.get(c, len(order)), c))
     reference = REFERENCE_CONDITION if REFERENCE_CONDITION in conditions else conditions[0]
     others = [c for c in conditions if c != reference]
@@ -425,8 +432,9 @@ def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
             row1 |= {c: 1.0, f"round:{c}": float(last - first)}
         logit = [sum(fit.params[t] * v for t, v in row.items()) for row in (row0, row1)]
         result.predicted[c] = (1 / (1 + math.exp(-logit[0])), 1 / (1 + math.exp(-logit[1])), first, last)
-    result.reading = _reading(result)
-    result.text = str(fit.summary())
+    if describe:
+        result.reading = _reading(result)
+        result.text = str(fit.summary())
     return result
 
 
