@@ -69,7 +69,7 @@ def main() -> None:
         _drop(args.database_url)
 
 
-def _timed(fn, repeat: int) -> list[float]:  # noqa: ANN001
+def _timed(fn, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -86,7 +86,8 @@ def _run(n_groups: int) -> None:
     from experiment.models import Condition, Experiment, Participant, Session
     from experiment.monitor import group_summary_by_id, session_overview
 
-    experiment = Experiment.objects.create(name="Monitor bench", slug="monitor-bench")
+    # Long phases: building the groups must not outlast the first phase on a loaded machine.
+    experiment = Experiment.objects.create(name="Monitor bench", slug="monitor-bench", pitch_seconds=3600)
     Condition.objects.create(experiment=experiment, name="hidden")
     Condition.objects.create(experiment=experiment, name="disclosed", disclose_identity=True)
     session = Session.objects.create(experiment=experiment, capacity=n_groups * experiment.n_humans)
