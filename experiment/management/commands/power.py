@@ -85,7 +85,9 @@ class Command(BaseCommand):
             return
         self.stdout.write(f"Power for {experiment.slug}: effect {options['effect']} ({EFFECT_HELP}); alpha "
                           f"{options['alpha']}; seed {seed}.")
-        self.stdout.write(f"Test: {result['test']}.")
+        self.stdout.write(f"Test: {result['test']}; fits that fail count as not detected.")
+        self.stdout.write("Behaviour: " + ", ".join(f"{k}={v}" for k, v in result["behaviour"].items()) +
+                          f"; {experiment.n_rounds} rounds.")
         self.stdout.write(f"{'groups':>7} {'reps':>5} {'detected':>9} {'rate':>6}  {'95 % CI':<13} "
                           f"{'mean interaction':>16} {'failures':>8}")
         for row in result["rows"]:
