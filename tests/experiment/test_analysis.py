@@ -276,3 +276,12 @@ def test_regression_refuses_a_condition_seen_in_one_round_only(planted: Session)
     assert fit.error == ("Condition hidden has choices from a single round so far: its change across rounds cannot be "
                          "estimated yet.")
     assert not fit.coefficients and not fit.reading
+
+
+def test_wilson_bounds_are_exact_at_the_extremes() -> None:
+    from experiment.analysis import wilson
+
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    low, high = wilson(5, 10)
+    assert 0.23 < low < 0.24 and 0.76 < high < 0.77
+    assert wilson(0, 0) == (None, None)
