@@ -135,12 +135,26 @@
       msg.groups.forEach(function (g) { groups[g.id] = g; });
       renderGroups(); renderLobby(msg.lobby); renderSession(msg.session);
     } else if (msg.type === "monitor.group") {
+      var before = groups[msg.group.id];
+      if (before && (before.round !== msg.group.round || before.status !== msg.group.status)) chartStale();
       groups[msg.group.id] = msg.group;
       var old = document.getElementById("group-" + msg.group.id);
       if (old) { old.replaceWith(groupCard(msg.group)); renderTotals(); } else renderGroups();
     } else if (msg.type === "monitor.session") {
       renderLobby(msg.lobby); renderSession(msg.session);
     }
+  }
+
+  // The chart is redrawn by the server from the stored choices: reload it after a round ends, at most
+  // every 15 s, so 100 groups finishing rounds do not turn into 100 plot renderings.
+  var chartTimer = null;
+  function chartStale() {
+    if (chartTimer) return;
+    chartTimer = setTimeout(function () {
+      chartTimer = null;
+      var img = document.getElementById("shift-chart");
+      img.src = img.dataset.src + "?t=" + Date.now();
+    }, 15000);
   }
 
   function connect() {

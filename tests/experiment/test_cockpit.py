@@ -219,3 +219,16 @@ def test_redirect_follows_the_outcome() -> None:
     assert _redirect_for(url, "DONE1", "LOBBY9") == "https://app.prolific.com/submissions/complete?cc=LOBBY9"
     assert _redirect_for("https://example.org/thanks", "DONE1", "LOBBY9") == ""
     assert _redirect_for(url, "DONE1", "") == ""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_monitor_page_embeds_the_live_preference_shift_chart(client, staff, game) -> None:
+    session, _group = game
+    client.force_login(staff)
+    page = client.get(f"/cockpit/sessions/{session.pk}/").content.decode()
+    chart = f"/staff/sessions/{session.pk}/summary.svg"
+    assert f'src="{chart}"' in page
+    response = client.get(chart)
+    assert response.status_code == 200
+    body = b"".join(response.streaming_content) if response.streaming else response.content
+    assert b"<svg" in body
