@@ -168,9 +168,10 @@ class MonitorConsumer(AsyncWebsocketConsumer):
 
 def _monitor_updates(session_id: int, dirty: set[int | None]) -> list[dict[str, Any]]:
     from experiment.models import Session
-    from experiment.monitor import group_summary_by_id, lobby_queue, session_header
+    from experiment.monitor import group_summary_by_id, lobby_queue, people_by_stage, session_header
 
     updates: list[dict[str, Any]] = [{"type": "monitor.group", "group": group_summary_by_id(g)} for g in dirty if g]
     session = Session.objects.get(pk=session_id)
-    updates.append({"type": "monitor.session", "session": session_header(session), "lobby": lobby_queue(session)})
+    updates.append({"type": "monitor.session", "session": session_header(session), "lobby": lobby_queue(session),
+                    "people": people_by_stage(session)})
     return updates

@@ -9,17 +9,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from django.db.models import Prefetch
+from django.db.models import Prefetch, QuerySet
 from django.utils import timezone
 
-from experiment import services
+from experiment import game, services
 from experiment.models import Group, Participant, Session
 
 P = Participant
 
 
-def seat_status(p: Participant, pending_ids: set[int]) -> str:
-    """One word for the monitor: bot, bot-replaced, dropped, submitted, timed out, idle, connected, offline."""
+def seat_status(p: Participant, pending_ids: set[int], acting_role: str | None = None) -> str:
+    """One word for the monitor: bot, bot-replaced, dropped, submitted, timed out, idle, waiting, offline.
+
+    ``acting_role`` is the role that acts in the current phase: the others are "waiting", not "submitted"."""
     if p.kind == P.Kind.BOT:
         return "bot"
     if p.controller == P.Controller.SYNTHETIC:
@@ -31,7 +33,9 @@ def seat_status(p: Participant, pending_ids: set[int]) -> str:
     if p.status != P.Status.PLAYING:
         return p.status
     if p.pk not in pending_ids:
-        return "submitted"
+        if p.role == acting_role:
+            return "submitted"
+        return "waiting" if p.connections else "offline"
     if p.consecutive_timeouts:
         return "timed out"
     return "idle" if p.connections else "offline"
@@ -42,6 +46,7 @@ def group_summary(group: Group, participants: list[Participant] | None = None) -
     seats = participants if participants is not None else list(group.participants.all())
     playing = group.status == Group.Status.PLAYING
     pending = {p.pk for p in services._pending(group, params)} if playing else set()
+    acting = game.actors(game.Phase(group.phase)) if playing else None
     return {
         "id": group.pk, "number": group.number, "condition": group.condition.name, "status": group.status,
         "round": group.round_number, "rounds": params.n_rounds, "phase": group.phase if playing else "finished",
@@ -49,7 +54,7 @@ def group_summary(group: Group, participants: list[Participant] | None = None) -
         "paused": group.paused_at is not None, "paused_remaining": group.paused_remaining,
         "seats": [{
             "id": p.pk, "seat": p.seat, "role": p.role, "kind": p.kind, "controller": p.controller,
-            "status": seat_status(p, pending), "connected": p.connections > 0, "payoff": p.payoff,
+            "status": seat_status(p, pending, acting), "connected": p.connections > 0, "payoff": p.payoff,
             "recruitment_id": p.prolific_pid,
         } for p in sorted(seats, key=lambda s: (s.role != P.Role.SELECTOR, s.seat))],
     }
@@ -64,7 +69,7 @@ def session_overview(session_id: int) -> dict[str, Any]:
     session = Session.objects.select_related("experiment").get(pk=session_id)
     groups = list(session.groups.select_related("condition", "session__experiment")
                   .prefetch_related(Prefetch("participants", queryset=Participant.objects.all())))
-    people = session.participants.filter(controller=P.Controller.PERSON)
+    people = _people(session)
     return {
         "type": "monitor.state", "server_time": timezone.now().isoformat(),
         "session": session_header(session),
@@ -72,7 +77,7 @@ def session_overview(session_id: int) -> dict[str, Any]:
         "groups": [group_summary(g, list(g.participants.all())) for g in groups],
         "totals": {
             "people": people.count(),
-            "by_status": dict(Counter(people.values_list("status", flat=True))),
+            "by_status": people_by_stage(session),
             "groups_playing": sum(g.status == Group.Status.PLAYING for g in groups),
             "groups_finished": sum(g.status == Group.Status.FINISHED for g in groups),
             "points": sum(p.payoff for g in groups for p in g.participants.all() if p.kind == P.Kind.HUMAN),
@@ -84,6 +89,15 @@ def session_header(session: Session) -> dict[str, Any]:
     return {"id": session.pk, "label": session.label or session.code, "status": session.status,
             "ended": session.ended_at is not None, "capacity": session.capacity,
             "over_recruitment": session.over_recruitment, "experiment": session.experiment.slug}
+
+
+def _people(session: Session) -> QuerySet[Participant]:
+    """Recruited people, including those whose seat a bot took over; not synthetic demo fillers."""
+    return session.participants.filter(kind=P.Kind.HUMAN).exclude(controller=P.Controller.SYNTHETIC)
+
+
+def people_by_stage(session: Session) -> dict[str, int]:
+    return dict(Counter(_people(session).values_list("status", flat=True)))
 
 
 def lobby_queue(session: Session) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@
   var csrf = root.dataset.csrf;
   var groups = {};          // id -> summary
   var skew = 0;             // server clock minus local clock, ms
+  var people = {};          // person status -> count (consent, quiz, lobby, playing, finished, …)
   var socket = null, retry = 0;
 
   function el(tag, attrs, children) {
@@ -43,7 +44,7 @@
 
   function seatChip(seat) {
     var actions = [];
-    if (seat.controller === "person" && ["idle", "offline", "submitted", "timed out"].indexOf(seat.status) >= 0) {
+    if (seat.controller === "person" && ["idle", "offline", "submitted", "waiting", "timed out"].indexOf(seat.status) >= 0) {
       actions.push(el("button", {type: "button", class: "mini", title: "Remove this participant (defaults play the seat)",
         onclick: function () { post("/cockpit/participants/" + seat.id + "/remove/", "Remove this participant from the study?"); }}, ["remove"]));
       actions.push(el("button", {type: "button", class: "mini", title: "Hand this seat to a bot",
@@ -99,7 +100,11 @@
     var seats = [].concat.apply([], list.map(function (g) { return g.seats; }));
     var count = function (f) { return seats.filter(f).length; };
     var box = document.getElementById("totals");
+    var onboarding = (people.consent || 0) + (people.instructions || 0) + (people.quiz || 0);
     var items = [
+      ["people joined", Object.keys(people).reduce(function (a, k) { return a + people[k]; }, 0)],
+      ["reading / quiz", onboarding],
+      ["finished", people.finished || 0],
       ["groups playing", list.filter(function (g) { return g.status === "playing"; }).length],
       ["groups finished", list.filter(function (g) { return g.status === "finished"; }).length],
       ["people connected", count(function (s) { return s.controller === "person" && s.connected; })],
@@ -131,6 +136,7 @@
     var msg = JSON.parse(ev.data);
     if (msg.type === "monitor.state") {
       skew = Date.parse(msg.server_time) - Date.now();
+      people = msg.totals.by_status || {};
       groups = {};
       msg.groups.forEach(function (g) { groups[g.id] = g; });
       renderGroups(); renderLobby(msg.lobby); renderSession(msg.session);
@@ -141,7 +147,8 @@
       var old = document.getElementById("group-" + msg.group.id);
       if (old) { old.replaceWith(groupCard(msg.group)); renderTotals(); } else renderGroups();
     } else if (msg.type === "monitor.session") {
-      renderLobby(msg.lobby); renderSession(msg.session);
+      people = msg.people || people;
+      renderLobby(msg.lobby); renderSession(msg.session); renderTotals();
     }
   }
 

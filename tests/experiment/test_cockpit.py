@@ -232,3 +232,18 @@ def test_monitor_page_embeds_the_live_preference_shift_chart(client, staff, game
     assert response.status_code == 200
     body = b"".join(response.streaming_content) if response.streaming else response.content
     assert b"<svg" in body
+
+
+@pytest.mark.django_db(transaction=True)
+def test_monitor_seat_status_distinguishes_submitted_from_waiting(game) -> None:
+    from experiment.monitor import group_summary_by_id
+
+    _session, group = game
+    summary = group_summary_by_id(group.pk)
+    person_selectors = [s for s in summary["seats"] if s["role"] == "selector" and s["controller"] == "person"]
+    # In the pitch phase selectors have nothing to do: they wait (offline here: no browser is open).
+    assert person_selectors and {s["status"] for s in person_selectors} == {"offline"}
+    candidate = next(p for p in _people(group) if p.role == "candidate")
+    services.pitch_submit(participant_id=candidate.pk, round_number=1, text="hello")
+    seat = next(s for s in group_summary_by_id(group.pk)["seats"] if s["id"] == candidate.pk)
+    assert seat["status"] == "submitted"
