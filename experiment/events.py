@@ -16,6 +16,8 @@ Server → client:
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
 import logging
 import os
 import threading
@@ -205,11 +207,15 @@ def _send_now(channel_group: str, message: dict[str, Any]) -> None:
     if layer is None:
         return
     try:
-        if _server_loop() is None and not isinstance(layer, InMemoryChannelLayer):
-            future = asyncio.run_coroutine_threadsafe(layer.group_send(channel_group, message), _broadcast_loop())
-            future.result(timeout=30)
-        else:
+        if isinstance(layer, InMemoryChannelLayer):  # its queues belong to the server's own event loop
             async_to_sync(layer.group_send)(channel_group, message)
+        elif _server_loop() is not None:
+            # In the web process: hand over and return. Waiting for Redis here kept a worker thread (and
+            # the participant's ack) waiting for 4 round trips per message, 3-4 messages per action.
+            _broadcaster().put(channel_group, message)
+        else:  # Celery task, command: wait, so that a finished task has told everyone
+            future = asyncio.run_coroutine_threadsafe(layer.group_send(channel_group, message), _broadcaster().loop)
+            future.result(timeout=30)
     except Exception:  # a lost notification must never undo a committed action: clients resync on reconnect
         logger.exception("broadcast to %s failed", channel_group)
 
@@ -221,23 +227,74 @@ def _server_loop() -> asyncio.AbstractEventLoop | None:
     return getattr(SyncToAsync.threadlocal, "main_event_loop", None)
 
 
-_loop_lock = threading.Lock()
-_loop: tuple[int, asyncio.AbstractEventLoop] | None = None
+class _Broadcaster:
+    """Publishes to the channel layer from one long-lived event loop thread per process, in order.
 
-
-def _broadcast_loop() -> asyncio.AbstractEventLoop:
-    """One long-lived event loop per process for broadcasts from plain threads (Celery tasks, commands).
-
-    Without it, async_to_sync starts a thread and an event loop for every broadcast, and the Redis
-    channel layer opens a new connection for every loop: about 4 ms of CPU per broadcast in a worker.
+    Without it, async_to_sync started a thread and an event loop for every broadcast from a plain
+    thread (a Celery task), and the Redis channel layer opened a new connection for every loop.
     """
-    global _loop
-    with _loop_lock:
-        if _loop is None or _loop[0] != os.getpid():  # a forked worker does not inherit the thread
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="partnerlab-broadcast", daemon=True).start()
-            _loop = (os.getpid(), loop)
-        return _loop[1]
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self.idle = threading.Event()
+        self.idle.set()
+        threading.Thread(target=self.loop.run_until_complete, args=(self._drain(),), name="partnerlab-broadcast",
+                         daemon=True).start()
+        atexit.register(self.idle.wait, 5.0)  # let queued notifications out when the process stops
+
+    def put(self, channel_group: str, message: dict[str, Any]) -> None:
+        with self._lock:
+            self._pending.append((channel_group, message))
+            self.idle.clear()
+        self.loop.call_soon_threadsafe(self._wake.set)
+
+    async def _drain(self) -> None:
+        layer = get_channel_layer()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                with self._lock:
+                    batch = list(self._pending)
+                    self._pending.clear()
+                    if not batch:
+                        self.idle.set()
+                        break
+                for channel_group, message in _coalesce(batch):
+                    try:
+                        await layer.group_send(channel_group, message)
+                    except Exception:
+                        logger.exception("broadcast to %s failed", channel_group)
+
+
+def _coalesce(batch: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """Drop a refresh that repeats an earlier one of the same batch: the first is delivered after every
+    commit of the batch, and whoever receives it reads the state as it is then."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for channel_group, message in batch:
+        if message["type"] in ("seat.refresh", "monitor.changed"):
+            key = (channel_group, repr(sorted(message.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append((channel_group, message))
+    return kept
+
+
+_broadcaster_lock = threading.Lock()
+_broadcaster_of: tuple[int, _Broadcaster] | None = None
+
+
+def _broadcaster() -> _Broadcaster:
+    global _broadcaster_of
+    with _broadcaster_lock:
+        if _broadcaster_of is None or _broadcaster_of[0] != os.getpid():  # a forked worker has no such thread
+            _broadcaster_of = (os.getpid(), _Broadcaster())
+        return _broadcaster_of[1]
 
 
 def refresh_on_commit(channel_group: str) -> None:
