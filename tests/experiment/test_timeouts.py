@@ -344,8 +344,10 @@ async def test_a_person_whose_seat_a_bot_took_over_still_sees_their_dropout_page
     assert (reply["type"], reply["code"]) == ("error", "seat_taken_over")
     await seat.close()
     # Synthetic humans are played by the server: nobody can connect as one.
-    connected, code = await Seat(synthetic_token).comm.connect()
+    refused = Seat(synthetic_token)
+    connected, code = await refused.comm.connect()
     assert not connected and code == 4404
+    await refused.comm.disconnect()  # let the refused consumer finish inside this test's event loop
 
 
 def test_decisions_record_who_made_them_after_a_takeover() -> None:
