@@ -127,8 +127,12 @@ async def test_every_frame_of_a_game_matches_its_declaration() -> None:
     assert (await decliner.send({"type": "consent", "accept": False, "ref": "no"}))["type"] == "ack"
     await decliner.until(lambda s: s["stage"] == "declined")
     for seat in players:
+        # Like a page, wait for each stage's state before answering it: broadcasts are sent after commit,
+        # asynchronously, and a client that races ahead may see only the newest state (by design).
         assert (await seat.send({"type": "consent", "accept": True}))["type"] == "ack"
+        await seat.until(lambda s: s["stage"] == "instructions")
         assert (await seat.send({"type": "instructions.done"}))["type"] == "ack"
+        await seat.until(lambda s: s["stage"] == "quiz")
         assert (await seat.send({"type": "quiz.submit", "answers": {"0": "4"}}))["result"]["correct"] is False
         assert (await seat.send({"type": "quiz.submit", "answers": quiz, "ref": "q"}))["result"]["correct"] is True
         # Not in a game yet (or, for the last arrival, not the choice phase): an error frame.
