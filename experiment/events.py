@@ -21,6 +21,7 @@ import collections
 import logging
 import os
 import threading
+import zlib
 from typing import Any, Literal, NotRequired, TypedDict
 
 from asgiref.sync import SyncToAsync, async_to_sync
@@ -228,46 +229,64 @@ def _server_loop() -> asyncio.AbstractEventLoop | None:
 
 
 class _Broadcaster:
-    """Publishes to the channel layer from one long-lived event loop thread per process, in order.
+    """Publishes to the channel layer from one long-lived event loop thread per process.
 
     Without it, async_to_sync started a thread and an event loop for every broadcast from a plain
     thread (a Celery task), and the Redis channel layer opened a new connection for every loop.
+    Messages go out over a few lanes chosen by channel group, so one group's messages keep their order
+    while a burst of phase changes in many groups is published in parallel.
     """
+
+    LANES = 4
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._lanes: list[collections.deque[tuple[str, dict[str, Any]]]] = [collections.deque() for _ in range(self.LANES)]
+        self._wakes = [asyncio.Event() for _ in range(self.LANES)]
         self._lock = threading.Lock()
-        self._wake = asyncio.Event()
+        self._outstanding = 0
         self.idle = threading.Event()
         self.idle.set()
-        threading.Thread(target=self.loop.run_until_complete, args=(self._drain(),), name="partnerlab-broadcast",
+        threading.Thread(target=self.loop.run_until_complete, args=(self._drain_all(),), name="partnerlab-broadcast",
                          daemon=True).start()
         atexit.register(self.idle.wait, 5.0)  # let queued notifications out when the process stops
 
     def put(self, channel_group: str, message: dict[str, Any]) -> None:
+        lane = zlib.crc32(channel_group.encode()) % self.LANES
         with self._lock:
-            self._pending.append((channel_group, message))
+            self._lanes[lane].append((channel_group, message))
+            self._outstanding += 1
             self.idle.clear()
-        self.loop.call_soon_threadsafe(self._wake.set)
+        self.loop.call_soon_threadsafe(self._wakes[lane].set)
 
-    async def _drain(self) -> None:
+    async def _drain_all(self) -> None:
+        await asyncio.gather(*(self._drain(lane) for lane in range(self.LANES)))
+
+    async def _drain(self, lane: int) -> None:
         layer = get_channel_layer()
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await self._wakes[lane].wait()
+            self._wakes[lane].clear()
             while True:
                 with self._lock:
-                    batch = list(self._pending)
-                    self._pending.clear()
-                    if not batch:
-                        self.idle.set()
-                        break
-                for channel_group, message in _coalesce(batch):
+                    batch = list(self._lanes[lane])
+                    self._lanes[lane].clear()
+                if not batch:
+                    break
+                kept = _coalesce(batch)
+                self._done(len(batch) - len(kept))
+                for channel_group, message in kept:
                     try:
                         await layer.group_send(channel_group, message)
                     except Exception:
                         logger.exception("broadcast to %s failed", channel_group)
+                    self._done(1)
+
+    def _done(self, n: int) -> None:
+        with self._lock:
+            self._outstanding -= n
+            if self._outstanding == 0:
+                self.idle.set()
 
 
 def _coalesce(batch: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
