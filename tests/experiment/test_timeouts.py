@@ -355,7 +355,9 @@ def test_decisions_record_who_made_them_after_a_takeover() -> None:
     from experiment.analysis import counted_choices
     from experiment.export import Scope
 
-    group = gamekit.group_start(dropout_after=1, dropout_policy="bot")
+    # Long phases: only this test's deadline_pass closes them, however slow the machine is.
+    long = {f"{phase}_seconds": 600 for phase in ("pitch", "choice", "return", "feedback", "belief")}
+    group = gamekit.group_start(dropout_after=1, dropout_policy="bot", **long)
     selector = gamekit.people(group, Participant.Role.SELECTOR)[0]
     gamekit.pitch_all(group)
     assert gamekit.at(group) == (1, "choice")
