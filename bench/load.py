@@ -106,18 +106,28 @@ def _cmdline(pid: str) -> str:
         return ""
 
 
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy since boot (every process, ours or not)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait (guest is in user)
+
+
 class CpuMeter:
-    """Samples the CPU time of the server's processes twice a second (processes may come and go)."""
+    """Samples the CPU time of the server's processes, of this load generator and of the whole machine
+    twice a second (processes may come and go), so that what other programs took is visible too."""
 
     def __init__(self, *, groups: dict[str, int], database: str) -> None:
         self.groups, self.database = groups, database  # name → process group id
         self.first: dict[str, float] = {}
         self.last: dict[str, tuple[str, float]] = {}  # pid → (kind, CPU seconds)
+        self.series: list[tuple[float, float, float]] = []  # (epoch, machine busy s, our processes' CPU s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.started = self.ended = 0.0
 
     def _kind(self, pid: str, pgid: int) -> str | None:
+        if int(pid) == os.getpid():
+            return "load_generator"
         for name, group in self.groups.items():
             if pgid == group:
                 return name
@@ -142,6 +152,8 @@ class CpuMeter:
                 # A process that already ran before the measurement counts from now; a new one from zero.
                 self.first[pid] = stat[1] if not self.started else 0.0
             self.last[pid] = (kind, stat[1])
+        ours = sum(cpu - self.first.get(pid, 0.0) for pid, (_, cpu) in self.last.items())
+        self.series.append((time.time(), _machine_busy(), ours))
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
@@ -163,8 +175,26 @@ class CpuMeter:
             per[kind] = per.get(kind, 0.0) + max(0.0, cpu - self.first.get(pid, 0.0))
         out = {f"{kind}_cores": round(seconds / wall, 2) for kind, seconds in sorted(per.items())}
         out["app_cores"] = round(sum(per.get(k, 0.0) for k in ("uvicorn", "celery")) / wall, 2)
-        out["server_cores"] = round(sum(per.values()) / wall, 2)
+        out["server_cores"] = round(sum(v for k, v in per.items() if k != "load_generator") / wall, 2)
+        machine = self.series[-1][1] - self.series[0][1]
+        out["machine_cores"] = round(machine / wall, 2)
+        out["other_programs_cores"] = round(max(0.0, machine - sum(per.values())) / wall, 2)
         out["wall_s"] = round(wall, 1)
+        return out
+
+    def buckets(self, seconds: float) -> list[dict[str, Any]]:
+        """Per time slice: cores used by the machine, by other programs and by ours."""
+        out = []
+        start = self.series[0][0]
+        edge, prev = start + seconds, self.series[0]
+        for row in self.series[1:]:
+            if row[0] >= edge or row is self.series[-1]:
+                wall = max(1e-9, row[0] - prev[0])
+                out.append({"t": round(prev[0] - start), "from": prev[0], "to": row[0],
+                            "machine_cores": round((row[1] - prev[1]) / wall, 2),
+                            "ours_cores": round((row[2] - prev[2]) / wall, 2),
+                            "other_programs_cores": round(max(0.0, (row[1] - prev[1]) - (row[2] - prev[2])) / wall, 2)})
+                prev, edge = row, row[0] + seconds
         return out
 
 
@@ -186,11 +216,12 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--participants", type=int, default=1000,
                         help="Synthetic humans connected at once (rounded down to whole groups of the design's humans).")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--phase-seconds", type=int, default=20,
-                        help="Pitch, choice, return and belief phase length; feedback is a quarter of it.")
-    parser.add_argument("--time-scale", type=float, default=0.3, help="Multiplies the synthetic humans' response times.")
-    parser.add_argument("--ramp-seconds", type=float, default=60.0, help="Arrivals are spread over this long.")
-    parser.add_argument("--duration-limit", type=float, default=900.0,
+    parser.add_argument("--phase-seconds", type=int, default=60,
+                        help="Pitch, choice, return and belief phase length (DESIGN.md default 60); feedback is a quarter.")
+    parser.add_argument("--time-scale", type=float, default=1.0,
+                        help="Multiplies the synthetic humans' response times (1: as people; 0.3: a stress test).")
+    parser.add_argument("--ramp-seconds", type=float, default=120.0, help="Arrivals are spread over this long.")
+    parser.add_argument("--duration-limit", type=float, default=1500.0,
                         help="Upper bound of the whole benchmark in seconds (setup, run and cleanup).")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes.")
     parser.add_argument("--celery-concurrency", type=int, default=2)
@@ -276,13 +307,10 @@ def main(argv: Iterable[str] | None = None) -> int:
                             "uvicorn_workers": args.workers, "celery_concurrency": args.celery_concurrency}
         say(f"Running {clients} participants in {clients // experiment.n_humans} groups …")
         meter.start()
-        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         time_limit = max(10.0, hard_end - time.monotonic() - 60)  # leave a minute for measuring and cleaning up
         reports, duration = _drive(args, session.code, clients, experiment, time_limit)
-        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         report["cpu"] = meter.stop()
-        report["cpu"]["load_clients_cores"] = round(
-            (cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime) / max(duration, 1e-9), 2)
+        report["timeline"] = _timeline(meter, reports, seconds=30)
         report.update(_results(session, experiment, reports, duration))
         report["server_log_problems"] = _log_problems(procs)
         report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
@@ -433,6 +461,20 @@ def _results(session: Any, experiment: Any, reports: list[Any], duration: float)
     return summary
 
 
+def _timeline(meter: CpuMeter, reports: list[Any], *, seconds: float) -> list[dict[str, Any]]:
+    """CPU per time slice next to the actions sent in it and their ack p99: shows whether slow
+    acknowledgements coincide with the server's own load or with other programs'."""
+    from experiment.simulation import percentiles
+
+    actions = [a for r in reports for a in r.actions if a.latency is not None]
+    rows = []
+    for b in meter.buckets(seconds):
+        inside = [a.latency for a in actions if b["from"] <= a.sent_at < b["to"]]
+        p = percentiles(inside)
+        rows.append({k: v for k, v in b.items() if k not in ("from", "to")} | {"actions": len(inside), "ack_p99_ms": p["p99"]})
+    return rows
+
+
 def _log_problems(procs: list[Proc]) -> dict[str, int]:
     counts = {}
     for proc in procs:
@@ -468,6 +510,9 @@ def _text(r: dict[str, Any]) -> str:
             f"Last decision → group:    {ms(r['phase_change_ms'])}",
             f"Deadline → group:         {ms(r['phase_change_after_deadline_ms'])}",
             "CPU (cores busy): " + ", ".join(f"{k.removesuffix('_cores')} {v}" for k, v in cpu.items() if k.endswith("_cores")),
+            "Timeline (s: actions, ack p99 ms | cores: ours, other programs): " + "  ".join(
+                f"{t['t']}: {t['actions']}, {t['ack_p99_ms']} | {t['ours_cores']}, {t['other_programs_cores']}"
+                for t in r["timeline"]),
             f"Run {r['duration_s']} s; total {r['total_s']} s; server log problems: {r['server_log_problems']}",
             "TARGET MET (p99 < 200 ms, no errors, no stalled groups)" if r["target_met"] else "TARGET MISSED",
         ]
