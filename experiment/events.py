@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import functools
 import logging
 import os
 import threading
@@ -198,9 +199,21 @@ def monitor_channel(session_id: int) -> str:
     return f"monitor-{session_id}"
 
 
-def send_on_commit(channel_group: str, message: dict[str, Any]) -> None:
-    """Send to a channel group once the current transaction has committed (never before)."""
-    transaction.on_commit(lambda: _send_now(channel_group, message))
+def send_on_commit(channel_group: str, message: dict[str, Any], *, once: bool = False) -> None:
+    """Send to a channel group once the current transaction has committed (never before).
+
+    ``once``: the message only says "look again" (a refresh), so one per transaction is enough however
+    often the transaction asks; every Event row asked the monitors to look again, 2-5 times per action.
+    """
+    key = (channel_group, repr(sorted(message.items()))) if once else None
+    if key is not None:
+        connection = transaction.get_connection()
+        if connection.in_atomic_block and any(getattr(entry[1], "partnerlab_key", None) == key
+                                              for entry in connection.run_on_commit):
+            return
+    callback = functools.partial(_send_now, channel_group, message)
+    callback.partnerlab_key = key  # type: ignore[attr-defined]
+    transaction.on_commit(callback)
 
 
 def _send_now(channel_group: str, message: dict[str, Any]) -> None:
@@ -317,7 +330,7 @@ def _broadcaster() -> _Broadcaster:
 
 
 def refresh_on_commit(channel_group: str) -> None:
-    send_on_commit(channel_group, {"type": "seat.refresh"})
+    send_on_commit(channel_group, {"type": "seat.refresh"}, once=True)
 
 
 def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
@@ -326,4 +339,4 @@ def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
 
 def monitor_on_commit(session_id: int, group_id: int | None) -> None:
     """Tell the session's live monitors that a group (or, with None, the lobby/session) changed."""
-    send_on_commit(monitor_channel(session_id), {"type": "monitor.changed", "group_id": group_id})
+    send_on_commit(monitor_channel(session_id), {"type": "monitor.changed", "group_id": group_id}, once=True)
