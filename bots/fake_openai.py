@@ -49,6 +49,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     latency: float | None = None
     drop: bool = False
+    raw: bytes | None = None  # sent as the body instead of a chat completion (a broken endpoint or proxy)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
@@ -78,6 +79,10 @@ class Reply:
     @classmethod
     def hang_up(cls, **kw: Any) -> Reply:
         return cls(drop=True, **kw)
+
+    @classmethod
+    def broken(cls, raw: bytes, **kw: Any) -> Reply:
+        return cls(raw=raw, **kw)
 
 
 # ---- automatic answers ----------------------------------------------------------------------------
@@ -245,10 +250,13 @@ class FakeOpenAI:
         if reply.drop:
             writer.transport.abort()
             return False
-        if reply.status != 200:
+        if reply.raw is not None:
+            await self._send(writer, reply.status, reply.raw, reply.headers)
+        elif reply.status != 200:
             await self._send(writer, reply.status, reply.body or {"error": {"message": "error"}}, reply.headers)
             return True
-        await self._send(writer, 200, self._completion(request, reply), reply.headers)
+        else:
+            await self._send(writer, 200, self._completion(request, reply), reply.headers)
         return True
 
     def _completion(self, request: dict[str, Any], reply: Reply) -> dict[str, Any]:
@@ -267,9 +275,9 @@ class FakeOpenAI:
         }
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any],
+    async def _send(writer: asyncio.StreamWriter, status: int, payload: dict[str, Any] | bytes,
                     headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 413: "Payload Too Large",
                   429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Status")
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
@@ -287,8 +295,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     fake = FakeOpenAI(host=args.host, port=args.port, latency=args.latency, model=args.model)
     print(f"fake OpenAI server on http://{args.host}:{args.port}/v1 (latency {args.latency:g} s); Ctrl-C stops it", flush=True)
+    run = asyncio.run
+    with contextlib.suppress(ImportError):  # uvloop (installed with uvicorn[standard]) halves the server's CPU per reply
+        import uvloop
+
+        run = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(fake.serve())
+        run(fake.serve())
 
 
 if __name__ == "__main__":

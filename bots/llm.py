@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx2
 import openai
-from openai.types.chat import ChatCompletion
 
 if TYPE_CHECKING:
     from bots.models import BotProfile
@@ -146,20 +146,23 @@ async def close_async_clients() -> None:
 
 # ---- calls -------------------------------------------------------------------------------------------
 
-# The request body is built here, in full, and recorded as sent; it goes through the client's typed
-# ``post`` (auth, base URL, errors, the ChatCompletion model) rather than ``chat.completions.create``,
+# The request body is built here, in full, and recorded as sent; it goes through the client's ``post``
+# (auth, base URL, timeouts, HTTP errors as typed exceptions) rather than ``chat.completions.create``,
 # whose walk of the parameters' TypedDicts does nothing to plain JSON yet costs about a third of the
-# client's CPU per call: with hundreds of bots answering at once that is the difference (bench/bots.py).
+# client's CPU per call. The reply is read as bytes and picked apart here instead of being validated into
+# the SDK's ``ChatCompletion`` model: we need five fields of it, and with hundreds of bots answering at
+# once the model's construction was most of what was left (bench/bots.py).
 CHAT_PATH = "/chat/completions"
+
 
 def complete(settings: LLMSettings, messages: list[dict[str, Any]], response_format: dict[str, Any] | None) -> ChatResult:
     """One chat completion, synchronously (Celery workers, the admin's test button)."""
     started = time.perf_counter()
     try:
-        completion = sync_client(settings).post(CHAT_PATH, body=settings.request(messages, response_format), cast_to=ChatCompletion)
+        body = sync_client(settings).post(CHAT_PATH, body=settings.request(messages, response_format), cast_to=bytes)
     except Exception as exc:
         return failure(exc, settings, started)
-    return success(completion, started)
+    return success(body, started)
 
 
 async def acomplete(settings: LLMSettings, messages: list[dict[str, Any]],
@@ -167,29 +170,49 @@ async def acomplete(settings: LLMSettings, messages: list[dict[str, Any]],
     """One chat completion on the running event loop (the embedded default, benchmarks)."""
     started = time.perf_counter()
     try:
-        completion = await async_client(settings).post(CHAT_PATH, body=settings.request(messages, response_format),
-                                                       cast_to=ChatCompletion)
+        body = await async_client(settings).post(CHAT_PATH, body=settings.request(messages, response_format), cast_to=bytes)
     except Exception as exc:
         return failure(exc, settings, started)
-    return success(completion, started)
+    return success(body, started)
 
 
 def _elapsed_ms(started: float) -> int:
     return round((time.perf_counter() - started) * 1000)
 
 
-def success(completion: Any, started: float) -> ChatResult:
-    usage = getattr(completion, "usage", None)
-    choices = getattr(completion, "choices", None) or []
-    if not choices:
-        return ChatResult(latency_ms=_elapsed_ms(started), error_class="EmptyReply",
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def success(body: bytes, started: float) -> ChatResult:
+    """The result of an HTTP 200 reply's body. Endpoints differ (and some are broken): every field is
+    checked for its type, and a body that is not a chat completion is an error, not an exception."""
+    latency = _elapsed_ms(started)
+    try:
+        completion = json.loads(body)
+    except (ValueError, RecursionError):
+        # A proxy's error page, a cut body: the next attempt may well get a real answer.
+        return ChatResult(latency_ms=latency, error_class="MalformedReply", transient=True,
+                          error_message=f"The endpoint answered HTTP 200 with a body that is not JSON: {body[:200]!r}")
+    if not isinstance(completion, dict):
+        return ChatResult(latency_ms=latency, error_class="MalformedReply",
+                          error_message="The endpoint answered with JSON that is not a chat completion object.")
+    choices = completion.get("choices")
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+    if first is None:
+        return ChatResult(latency_ms=latency, error_class="EmptyReply",
                           error_message="The endpoint answered without any choice.")
-    message = choices[0].message
+    message = first.get("message") if isinstance(first.get("message"), dict) else {}
+    usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
     return ChatResult(
-        text=message.content, refusal=getattr(message, "refusal", None),
-        tokens_in=int(getattr(usage, "prompt_tokens", 0) or 0), tokens_out=int(getattr(usage, "completion_tokens", 0) or 0),
-        latency_ms=_elapsed_ms(started), model=getattr(completion, "model", "") or "",
-        finish_reason=choices[0].finish_reason,
+        text=_text_or_none(message.get("content")), refusal=_text_or_none(message.get("refusal")),
+        tokens_in=_count(usage.get("prompt_tokens")), tokens_out=_count(usage.get("completion_tokens")),
+        latency_ms=latency, model=_text_or_none(completion.get("model")) or "",
+        finish_reason=_text_or_none(first.get("finish_reason")),
     )
 
 

@@ -95,6 +95,30 @@ def test_a_refusal_is_a_reply_without_content(fake: FakeOpenAI) -> None:
     assert result.ok and result.text is None and result.refusal == "I can't take part in games."
 
 
+@pytest.mark.parametrize(("raw", "error_class", "transient"), [
+    (b"<html>502 Bad Gateway</html>", "MalformedReply", True),  # a proxy's page with status 200
+    (b'{"choices": [', "MalformedReply", True),  # cut off
+    (b'["not", "an", "object"]', "MalformedReply", False),
+    (b'{"id": "x", "choices": []}', "EmptyReply", False),
+    (b'{"choices": ["text"]}', "EmptyReply", False),
+])
+def test_a_broken_200_body_is_an_error_not_an_exception(fake: FakeOpenAI, raw: bytes, error_class: str,
+                                                        transient: bool) -> None:
+    fake.script(Reply.broken(raw))
+    result = llm.complete(settings_for(fake.base_url), MESSAGES, FORMAT)
+    assert (result.ok, result.error_class, result.transient, result.text) == (False, error_class, transient, None)
+    assert result.error_message
+
+
+def test_fields_of_the_wrong_type_are_ignored_not_trusted(fake: FakeOpenAI) -> None:
+    fake.script(Reply.broken(b'{"model": 7, "choices": [{"finish_reason": "stop", "message": {"content": {"amount": 3},'
+                             b' "refusal": null}}], "usage": {"prompt_tokens": "many", "completion_tokens": -4}}'))
+    result = llm.complete(settings_for(fake.base_url), MESSAGES, FORMAT)
+    # A content that is not a string is no answer: the caller's corrective retry and fallback apply.
+    assert result.ok and result.text is None and result.refusal is None
+    assert (result.tokens_in, result.tokens_out, result.model, result.finish_reason) == (0, 0, "", "stop")
+
+
 @pytest.mark.parametrize(("headers", "seconds"), [
     ({"retry-after": "3"}, 3.0), ({"retry-after-ms": "1500"}, 1.5), ({"retry-after": "1000"}, llm.MAX_RETRY_AFTER),
     ({"retry-after": "soon"}, None), ({}, None),
