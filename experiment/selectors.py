@@ -7,14 +7,27 @@ condition prescribes.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 from typing import Any
 
+from django.db import connection
 from django.utils import timezone
 
 from experiment import game, services
 from experiment.game import Phase
-from experiment.models import Belief, Choice, Group, Message, Participant, Return, RoundPayoff
+from experiment.models import (
+    Belief,
+    Choice,
+    Experiment,
+    Group,
+    Message,
+    Participant,
+    Return,
+    RoundPayoff,
+    Session,
+)
 from experiment.questionnaire import QUESTIONS
 
 P = Participant
@@ -23,16 +36,23 @@ P = Participant
 def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str, Any]:
     """The seat's view. ``for_controller``: the view of whatever plays the seat now. When a bot takes
     over a dropped person's seat, the person's page shows the dropout while the bot plays on."""
-    p = Participant.objects.select_related("session__experiment", "group__condition").get(pk=participant_id)
-    experiment = p.session.experiment
-    params = experiment.params()
+    p = Participant.objects.select_related("group").get(pk=participant_id)
+    group = p.group
     stage = p.status
-    if (for_controller and p.is_automated and stage == P.Status.DROPPED and p.group is not None
-            and p.group.status == Group.Status.PLAYING):
+    if (for_controller and p.is_automated and stage == P.Status.DROPPED and group is not None
+            and group.status == Group.Status.PLAYING):
         stage = P.Status.PLAYING
+    if stage == P.Status.PLAYING and group is not None:
+        shared = _group_part(group)
+        experiment = shared.experiment
+    else:
+        shared = None
+        p.session = Session.objects.select_related("experiment").get(pk=p.session_id)
+        experiment = p.session.experiment
+    params = experiment.params()
     state: dict[str, Any] = {
         "type": "state",
-        "version": p.group.version if p.group else 0,
+        "version": group.version if group else 0,
         "server_time": timezone.now().isoformat(),
         "stage": stage,
         "me": {"seat": p.seat, "role": p.role, "name": p.public_name,
@@ -52,13 +72,83 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
                                        for i, q in enumerate(experiment.quiz)]}
     elif stage == P.Status.LOBBY:
         state["lobby"] = _lobby(p)
-    elif stage == P.Status.PLAYING:
-        state["game"] = _game(p, p.group, params)
+    elif shared is not None:
+        state["game"] = _game(p, group, params, shared)
     elif stage == P.Status.QUESTIONNAIRE:
         state["questionnaire"] = {"questions": QUESTIONS}
     else:
         state["end"] = _end(p)
     return state
+
+
+# ---- the part of a game view that every seat of a group shares ----------------------------------------------
+# At a phase change every person in the group asks for a new state at once, and their connections may sit in
+# the same web process. What all seats see alike is read once per group *version* (``Group.version`` goes up
+# with every change anyone in the group can see, under the group's lock) and kept, per process, for the
+# seats that ask after it. Rows are read after the version, so a kept part is never older than its version.
+
+
+@dataclass(frozen=True)
+class GroupPart:
+    experiment: Experiment
+    policy: game.LabelPolicy
+    seats: list[Participant]
+    messages: dict[int, Message]
+    progress: dict[str, int]
+    tally: dict[str, int] | None
+
+
+class _GroupParts:
+    SIZE = 512  # groups; a 1,000-person session has about 140
+
+    def __init__(self) -> None:
+        self._parts: OrderedDict[tuple[int, int], GroupPart] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, group: Group) -> GroupPart:
+        # Inside a transaction the rows may be this transaction's own, uncommitted: read, never keep.
+        if connection.in_atomic_block:
+            return _read_group_part(group)
+        key = (group.pk, group.version)
+        with self._lock:
+            part = self._parts.get(key)
+            if part is not None:
+                self._parts.move_to_end(key)
+                return part
+        part = _read_group_part(group)
+        with self._lock:
+            self._parts[key] = part
+            self._parts.move_to_end(key)
+            while len(self._parts) > self.SIZE:
+                self._parts.popitem(last=False)
+        return part
+
+    def clear(self) -> None:
+        with self._lock:
+            self._parts.clear()
+
+
+group_parts = _GroupParts()
+_group_part = group_parts.get
+
+
+def _read_group_part(group: Group) -> GroupPart:
+    g = Group.objects.select_related("session__experiment", "condition").get(pk=group.pk)
+    experiment = g.session.experiment
+    params = experiment.params()
+    r = group.round_number
+    # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
+    seats = list(group.participants.order_by())
+    tally = None
+    if Phase(group.phase) in (Phase.FEEDBACK, Phase.BELIEF) and experiment.show_public_tally:
+        tally = dict.fromkeys(sorted(s.seat for s in seats if s.role == P.Role.CANDIDATE), 0)
+        for seat in Choice.objects.filter(group=group, round_number=r, candidate__isnull=False).values_list(
+                "candidate__seat", flat=True):
+            tally[seat] += 1
+    return GroupPart(
+        experiment=experiment, policy=g.condition.label_policy(), seats=seats,
+        messages={m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r).order_by()},
+        progress=services.progress(group, params), tally=tally)
 
 
 def _lobby(p: Participant) -> dict[str, Any]:
@@ -95,23 +185,21 @@ def _redirect_for(url: str, completion_code: str, code: str) -> str:
     return url.replace(completion_code, code) if completion_code and completion_code in url else ""
 
 
-def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
+def _game(p: Participant, group: Group, params: game.Params, shared: GroupPart) -> dict[str, Any]:
     r, phase = group.round_number, Phase(group.phase)
-    # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
-    seats = list(group.participants.order_by())
-    by_id = {s.pk: s for s in seats}
-    candidates = sorted((s for s in seats if s.role == P.Role.CANDIDATE), key=lambda s: s.seat)
-    policy = group.condition.label_policy()
+    by_id = {s.pk: s for s in shared.seats}
+    candidates = sorted((s for s in shared.seats if s.role == P.Role.CANDIDATE), key=lambda s: s.seat)
+    policy = shared.policy
     g: dict[str, Any] = {
         "round": r, "rounds": params.n_rounds, "phase": str(phase),
         "deadline": group.phase_deadline.isoformat() if group.phase_deadline else None,
         "phase_started": group.phase_started_at.isoformat() if group.phase_started_at else None,
-        "progress": services.progress(group, params),
+        "progress": dict(shared.progress),
         "paused": group.paused_at is not None,
         "payoff_total": p.payoff,
         "todo": False,
     }
-    messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r).order_by()}
+    messages = shared.messages
     show_messages = phase != Phase.PITCH
 
     def card(c: Participant) -> dict[str, Any]:
@@ -170,10 +258,6 @@ def _game(p: Participant, group: Group, params: game.Params) -> dict[str, Any]:
     if phase in (Phase.FEEDBACK, Phase.BELIEF):
         points = RoundPayoff.objects.filter(participant=p, round_number=r).values_list("points", flat=True).first()
         g.setdefault("feedback", {})["round_payoff"] = points
-        if p.session.experiment.show_public_tally:  # already loaded; group.session would cost 2 queries
-            tally = dict.fromkeys((c.seat for c in candidates), 0)
-            for seat in Choice.objects.filter(group=group, round_number=r, candidate__isnull=False).values_list(
-                    "candidate__seat", flat=True):
-                tally[seat] += 1
-            g["tally"] = tally
+        if shared.tally is not None:
+            g["tally"] = dict(shared.tally)
     return g
