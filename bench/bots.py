@@ -77,10 +77,11 @@ def seat_view(i: int, now: datetime) -> dict[str, Any]:
 
 # ---- one worker process: its share of the decisions on one event loop -------------------------------------
 
-def worker(index: int, share: int, base_url: str, go_at: Any, ready: Any, results: Any, bursts: int) -> None:
+def worker(index: int, share: int, base_url: str, go_at: Any, ready: Any, results: Any, bursts: int,
+           threads: bool) -> None:
     _django()
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one INFO line per request would be measured too
-    from bots import llm, prompts
+    from bots import decisions, llm, prompts
     from bots.models import DEFAULT_PERSONA
     from experiment.models import DEFAULT_INSTRUCTIONS
 
@@ -91,12 +92,13 @@ def worker(index: int, share: int, base_url: str, go_at: Any, ready: Any, result
     history = [{"round": r, "your_message": "I return half.", "chosen_by": [{"selector": "Selector 1", "sent": 6,
                 "you_received": 18, "you_returned": 9}], "you_earned": 9} for r in (1, 2)]
 
-    async def decide(view: dict[str, Any]) -> tuple[bool, float, str]:
-        started = time.perf_counter()
+    def prepare(view: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         messages = prompts.messages_for(persona=DEFAULT_PERSONA, instructions=DEFAULT_INSTRUCTIONS, state=view,
                                         history=history if view["me"]["role"] == "candidate" else [], now=now)
         name, schema = prompts.schema_for(view)
-        result = await llm.acomplete(settings, messages, settings.response_format(name, schema))
+        return messages, settings.response_format(name, schema)
+
+    def judge(view: dict[str, Any], result: llm.ChatResult, started: float) -> tuple[bool, float, str]:
         if not result.ok:
             return False, time.perf_counter() - started, f"{result.error_class}: {result.error_message}"
         try:
@@ -104,6 +106,21 @@ def worker(index: int, share: int, base_url: str, go_at: Any, ready: Any, result
         except prompts.InvalidAnswer as exc:
             return False, time.perf_counter() - started, exc.message
         return True, time.perf_counter() - started, ""
+
+    async def decide(view: dict[str, Any]) -> tuple[bool, float, str]:
+        started = time.perf_counter()
+        messages, response_format = prepare(view)
+        return judge(view, await llm.acomplete(settings, messages, response_format), started)
+
+    def decide_in_thread(view: dict[str, Any]) -> tuple[bool, float, str]:
+        """What a Celery thread-pool worker's task does: the request goes to the process's shared loop."""
+        started = time.perf_counter()
+        messages, response_format = prepare(view)
+        return judge(view, decisions._request(settings, messages, response_format), started)
+
+    if threads:
+        run_threads(share, views, decide_in_thread, go_at, ready, results, bursts, index)
+        return
 
     async def run() -> None:
         llm.async_client(settings)  # the client a long-running worker already has
@@ -120,6 +137,39 @@ def worker(index: int, share: int, base_url: str, go_at: Any, ready: Any, result
         await llm.close_async_clients()
 
     asyncio.run(run())
+
+
+def run_threads(share: int, views: list[dict[str, Any]], decide: Any, go_at: Any, ready: Any, results: Any,
+                bursts: int, index: int) -> None:
+    """One thread per decision, as a Celery worker with ``--pool threads --concurrency N`` runs them."""
+    import threading
+
+    from bots import llm
+    from bots.decisions import background
+
+    for burst in range(bursts):
+        outcomes: list[Any] = [None] * share
+        barrier = threading.Barrier(share + 1)
+
+        def one(i: int, barrier: threading.Barrier, outcomes: list[Any]) -> None:
+            barrier.wait()
+            outcomes[i] = decide(views[i])
+
+        pool = [threading.Thread(target=one, args=(i, barrier, outcomes)) for i in range(share)]
+        for t in pool:
+            t.start()
+        ready.release()
+        while go_at[burst] == 0.0:
+            time.sleep(0.001)
+        time.sleep(max(0.0, go_at[burst] - time.time()))
+        cpu0, start = time.process_time(), time.time()
+        barrier.wait()
+        for t in pool:
+            t.join()
+        end, cpu = time.time(), time.process_time() - cpu0
+        results.put((burst, index, {"start": start, "end": end, "cpu": cpu, "latencies": [o[1] for o in outcomes],
+                                    "valid": sum(o[0] for o in outcomes), "errors": [o[2] for o in outcomes if not o[0]][:5]}))
+    background.submit(llm.close_async_clients()).result(5)
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -165,13 +215,13 @@ def _summary(out: dict[int, dict[str, Any]], decisions: int, processes: int) -> 
 BURSTS = ("cold", "warm")
 
 
-def bench(*, decisions: int, processes: int, base_url: str) -> dict[str, dict[str, Any]]:
+def bench(*, decisions: int, processes: int, base_url: str, threads: bool = False) -> dict[str, dict[str, Any]]:
     """Two bursts from the same worker processes: ``cold`` (no open connection yet: the first phase of a
     session) and ``warm`` (the connections the first burst opened are reused: every later phase)."""
     ctx = mp.get_context("fork")
     go_at, ready, results = ctx.Array("d", [0.0] * len(BURSTS)), ctx.Semaphore(0), ctx.Queue()
     shares = [decisions // processes + (1 if i < decisions % processes else 0) for i in range(processes)]
-    procs = [ctx.Process(target=worker, args=(i, shares[i], base_url, go_at, ready, results, len(BURSTS)))
+    procs = [ctx.Process(target=worker, args=(i, shares[i], base_url, go_at, ready, results, len(BURSTS), threads))
              for i in range(processes)]
     for p in procs:
         p.start()
@@ -205,6 +255,9 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=1.3, help="wall-time target in seconds")
     parser.add_argument("--url", help="use this OpenAI-compatible endpoint instead of starting the fake LLM")
     parser.add_argument("--port", type=int, default=0, help="port for the fake LLM (default: first free in 8401-8409)")
+    parser.add_argument("--threads", action="store_true",
+                        help="one thread per decision, requests on the process's shared loop (a Celery worker with "
+                             "--pool threads) instead of one event loop running whole decisions")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -216,7 +269,8 @@ def main() -> int:
         base_url = f"http://{HOST}:{port}/v1"
     try:
         load_before = os.getloadavg()[0]
-        result = bench(decisions=args.decisions, processes=args.processes, base_url=base_url)
+        result = bench(decisions=args.decisions, processes=args.processes, base_url=base_url,
+                       threads=args.threads)
     finally:
         if fake is not None:
             fake.terminate()
@@ -228,7 +282,8 @@ def main() -> int:
                           "load_average_before": round(load_before, 2)}, indent=2))
     else:
         print(f"LLM bot decisions: {args.decisions} issued at the same instant against the fake LLM "
-              f"({args.latency:g} s latency), {args.processes} process(es) x async openai client (aiohttp)")
+              f"({args.latency:g} s latency), {args.processes} process(es) x async openai client (aiohttp)"
+              + (", one thread per decision (Celery thread pool)" if args.threads else ", one event loop per process"))
         print(f"machine: {os.cpu_count()} CPUs, load average before the run {load_before:.2f}, Python {platform.python_version()}")
         for name, r in result.items():
             lat = r["latency_seconds"]

@@ -6,8 +6,9 @@ The life of one turn (one LLM seat, one round, one phase), in the order things h
 2. :func:`claim` creates (or takes over) the seat's :class:`~bots.models.BotDecision` row, under a
    lease, and renders the seat's view into chat messages. A second copy of the job (a redelivered
    Celery task, a retry racing a redelivery) finds the row and backs off or stops: one decision per turn.
-3. The model is called with no lock and no transaction open (sync client in Celery workers; on the
-   embedded default, the async client on :data:`background`, so waiting never holds a thread).
+3. The model is called with no lock and no transaction open, always through the async client on the
+   process's :data:`background` loop: a Celery task's thread waits for that one request; on the
+   embedded default the whole turn runs on the loop, so waiting never holds a thread.
 4. :func:`call_close` records the attempt as an :class:`~bots.models.LLMCall` and validates the reply
    with the game's own rules. Invalid: one corrective retry, then the profile's fallback. Failed
    request: a retry scheduled after the endpoint's ``Retry-After`` (or exponential backoff) while the
@@ -26,6 +27,7 @@ import atexit
 import concurrent.futures
 import contextlib
 import logging
+import os
 import random
 import threading
 import time
@@ -377,11 +379,26 @@ def decide_now(*, participant_id: int, round_number: int, phase: str) -> RetryAt
         call_id = call_open(plan, messages, purpose)
         if call_id is None:
             return None
-        result = llm.complete(plan.settings, messages, plan.response_format)
+        result = _request(plan.settings, messages, plan.response_format)
         step = call_close(plan, call_id, messages, result)
         if not isinstance(step, Correct):
             return step
         messages, purpose = step.messages, LLMCall.Purpose.CORRECTION
+
+
+def _request(settings: llm.LLMSettings, messages: list[dict[str, Any]],
+             response_format: dict[str, Any] | None) -> llm.ChatResult:
+    """One request from a plain thread, made on the shared loop. The client's own timeout ends it; the
+    wait here is bounded as well, because a thread-pool Celery worker enforces no time limit."""
+    started = time.perf_counter()
+    future = background.submit(llm.acomplete(settings, messages, response_format))
+    try:
+        return future.result(timeout=settings.timeout + LEASE_MARGIN)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return llm.ChatResult(latency_ms=round((time.perf_counter() - started) * 1000), error_class="APITimeoutError",
+                              transient=True, error_message=f"No reply from {settings.base_url} within "
+                                                            f"{settings.timeout + LEASE_MARGIN:g} s.")
 
 
 def _db_step(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -424,11 +441,15 @@ async def decide_async(*, participant_id: int, round_number: int, phase: str) ->
 
 
 class Background:
-    """An event loop in a daemon thread where the embedded default's LLM turns wait on the network.
+    """An event loop in a daemon thread (one per process) where LLM requests wait on the network.
 
-    The in-process scheduler runs jobs in a handful of threads; a job that waited for a model there
-    would hold one for seconds and could delay phase deadlines. Here hundreds of turns wait at once on
-    one loop, and only their short database steps borrow a thread.
+    Embedded default: whole turns run here. The in-process scheduler runs jobs in a handful of threads;
+    a job that waited for a model there would hold one for seconds and could delay phase deadlines. Here
+    hundreds of turns wait at once on one loop, and only their short database steps borrow a thread.
+
+    Celery: the task's thread runs the turn and hands only the request to this loop (:meth:`call`), so
+    a worker with a thread pool of hundreds shares one connection pool and one async client, which
+    costs a fraction of the CPU of hundreds of synchronous clients (bench/bots.py --threads).
     """
 
     def __init__(self, *, db_threads: int = 4) -> None:
@@ -437,16 +458,18 @@ class Background:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._futures: set[concurrent.futures.Future[Any]] = set()
+        self._pid = os.getpid()
 
     def _ensure(self) -> asyncio.AbstractEventLoop:
         with self._lock:
-            if self._loop is None or self._loop.is_closed():
+            if self._loop is None or self._loop.is_closed() or self._pid != os.getpid():  # a fork has no thread
                 loop = asyncio.new_event_loop()
                 # SQLite has one writer at a time: more threads would only queue on its lock.
                 threads = 1 if connection.vendor == "sqlite" else self._db_threads
                 self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="llm-db")
                 threading.Thread(target=loop.run_forever, name="llm-loop", daemon=True).start()
-                self._loop = loop
+                self._loop, self._pid = loop, os.getpid()
+                self._futures = set()
                 atexit.register(self._close, loop)
             return self._loop
 

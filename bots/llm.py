@@ -220,6 +220,11 @@ def failure(exc: BaseException, settings: LLMSettings, started: float) -> ChatRe
     """Describe a failed request in plain words, and say whether retrying can help."""
     latency = _elapsed_ms(started)
     name = type(exc).__name__
+    refused = _connection_failure(exc)
+    if isinstance(exc, openai.APITimeoutError) and refused is not None:
+        # The aiohttp transport reports a refused or failed connection as a connect *timeout*; it is not one.
+        exc, name = openai.APIConnectionError(request=exc.request), "APIConnectionError"
+        exc.__cause__ = refused
     if isinstance(exc, openai.APITimeoutError):
         return ChatResult(latency_ms=latency, error_class=name, transient=True,
                           error_message=f"No reply from {settings.base_url} within {settings.timeout:g} s.")
@@ -241,6 +246,17 @@ def failure(exc: BaseException, settings: LLMSettings, started: float) -> ChatRe
         return ChatResult(latency_ms=latency, error_class=name, http_status=status, retry_after=retry_after,
                           transient=transient, error_message=f"HTTP {status}: {exc.message}.{hint}".replace("..", "."))
     return ChatResult(latency_ms=latency, error_class=name, error_message=f"Unexpected failure: {exc}")
+
+
+def _connection_failure(exc: BaseException) -> OSError | None:
+    """The operating system's connection error behind ``exc`` (refused, reset, unknown host), if any."""
+    seen = 0
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and seen < 10:
+        if isinstance(cause, OSError) and not isinstance(cause, TimeoutError):
+            return cause
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None
 
 
 def retry_after_seconds(headers: Any) -> float | None:

@@ -89,6 +89,34 @@ def test_connection_refused_is_a_plain_words_error() -> None:
     assert "Is the server running and the base URL right?" in result.error_message
 
 
+def test_connection_refused_on_the_async_client_is_not_called_a_timeout() -> None:
+    # The aiohttp transport maps a refused connection to a connect timeout; the result says what happened.
+    async def go() -> llm.ChatResult:
+        try:
+            return await llm.acomplete(settings_for(f"http://127.0.0.1:{closed_port()}/v1", timeout=5.0), MESSAGES, FORMAT)
+        finally:
+            await llm.close_async_clients()
+
+    result = asyncio.run(go())
+    assert (result.ok, result.error_class, result.transient) == (False, "APIConnectionError", True)
+    assert "Is the server running and the base URL right?" in result.error_message
+    assert result.latency_ms < 4000
+
+
+def test_a_timeout_on_the_async_client_stays_a_timeout(fake: FakeOpenAI) -> None:
+    fake.script(Reply.slow(3.0))
+
+    async def go() -> llm.ChatResult:
+        try:
+            return await llm.acomplete(settings_for(fake.base_url, timeout=1.0), MESSAGES, FORMAT)
+        finally:
+            await llm.close_async_clients()
+
+    result = asyncio.run(go())
+    assert (result.ok, result.error_class, result.transient) == (False, "APITimeoutError", True)
+    assert "within 1 s" in result.error_message
+
+
 def test_a_refusal_is_a_reply_without_content(fake: FakeOpenAI) -> None:
     fake.script(Reply.refuse("I can't take part in games."))
     result = llm.complete(settings_for(fake.base_url), MESSAGES, FORMAT)

@@ -207,7 +207,7 @@ async def test_monitor_socket_refuses_non_staff(client) -> None:
     session = await database_sync_to_async(factories.session_create)(experiment)
     comm = WebsocketCommunicator(application, f"/ws/monitor/{session.pk}/",
                                  headers=[(b"origin", b"http://127.0.0.1"), (b"host", b"127.0.0.1")])
-    connected, code = await comm.connect()
+    connected, _code = await comm.connect()
     assert not connected
     # Let the refused consumer finish, or its pending channel-layer receive outlives the test's event loop.
     await comm.disconnect()
