@@ -8,6 +8,7 @@ import asyncio
 import json
 from typing import Any
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -28,7 +29,7 @@ def _off_thread(fn: Any) -> Any:
     return database_sync_to_async(fn, thread_sensitive=False)
 
 
-@database_sync_to_async
+@_off_thread
 def _participant_by_token(token: str) -> tuple[int, int] | None:
     """A person's seat. After a bot took it over the person may still connect: they see their
     dropout page, and the services refuse their actions (``seat_taken_over``)."""
@@ -40,6 +41,18 @@ def _participant_by_token(token: str) -> tuple[int, int] | None:
 class ParticipantConsumer(AsyncWebsocketConsumer):
     participant_id: int
     session_id: int
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """As channels' own, without its ``aclose_old_connections()`` before every handler.
+
+        That call hops to the process's one shared sync thread for every frame and every progress or
+        refresh message, queued behind every other connection's. The database work here runs in pool
+        threads through ``database_sync_to_async``, which closes old connections itself, in that thread.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         found = await _participant_by_token(self.scope["url_route"]["kwargs"]["token"])
@@ -110,7 +123,7 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(name, self.channel_name)
         self.joined = wanted
 
-    @database_sync_to_async
+    @_off_thread
     def _group_id(self) -> int:
         return Participant.objects.values_list("group_id", flat=True).get(pk=self.participant_id)
 
