@@ -66,3 +66,14 @@ def test_https_redirect_spares_only_the_health_check() -> None:
     done = _manage("shell", "-c", _PROBE, DJANGO_SECRET_KEY=secrets.token_urlsafe(50), **REQUIRED)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1].split() == ["200", "301", "https://partnerlab.example.org/join/abc/"], done.stdout
+
+
+ROUTE = ("from config.celery import app; from experiment import tasks; "
+         "print(*(app.amqp.router.route({}, t.name)['queue'].name for t in (tasks.llm_decide_task, tasks.phase_close_task)))")
+
+
+@pytest.mark.parametrize(("queue", "expected"), [("", "celery celery"), ("llm", "llm celery")])
+def test_llm_turns_go_to_their_own_queue_only_when_asked(queue: str, expected: str) -> None:
+    done = _manage("shell", "-c", ROUTE, DJANGO_SECRET_KEY=secrets.token_urlsafe(50), PARTNERLAB_LLM_QUEUE=queue, **REQUIRED)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == expected

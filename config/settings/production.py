@@ -38,6 +38,12 @@ CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600}
 PARTNERLAB_SCHEDULER = "celery"
+# Optional: send LLM turns to a queue of their own (docs/deployment.md), served by a worker with a thread
+# pool, so that slow models never hold the slots that close phases. Unset: everything on Celery's default
+# queue, which any worker started without -Q serves.
+PARTNERLAB_LLM_QUEUE = env_str("PARTNERLAB_LLM_QUEUE", "")
+if PARTNERLAB_LLM_QUEUE:
+    CELERY_TASK_ROUTES = {"experiment.tasks.llm_decide_task": {"queue": PARTNERLAB_LLM_QUEUE}}
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
