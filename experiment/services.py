@@ -302,9 +302,11 @@ def _phase_open(group: Group, round_number: int, phase: Phase, params: game.Para
     gone = [p for p in _pending(group, params) if p.status == P.Status.DROPPED and p.controller == P.Controller.PERSON]
     if gone:
         _apply_defaults(group, params, gone, count_timeouts=False)
+    # On commit, callbacks run in the order they were registered: the group hears of its new phase first,
+    # and only then are the deadline and the bots' jobs handed to the broker (a round trip each).
+    events.refresh_on_commit(events.group_channel(group.pk))
     schedule("phase_close", at=group.phase_deadline, group_id=group.pk, round_number=round_number, phase=str(phase))
     schedule_seats(group=group, params=params, pending=_pending(group, params), now=now)
-    events.refresh_on_commit(events.group_channel(group.pk))
 
 
 def _advance(group: Group, params: game.Params, now: datetime) -> None:
