@@ -7,6 +7,7 @@ condition prescribes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
@@ -103,6 +104,7 @@ class _GroupParts:
 
     def __init__(self) -> None:
         self._parts: OrderedDict[tuple[int, int], GroupPart] = OrderedDict()
+        self._reading: dict[tuple[int, int], concurrent.futures.Future[GroupPart]] = {}
         self._lock = threading.Lock()
 
     def get(self, group: Group) -> GroupPart:
@@ -115,12 +117,32 @@ class _GroupParts:
             if part is not None:
                 self._parts.move_to_end(key)
                 return part
-        part = _read_group_part(group)
+            reading = self._reading.get(key)
+            if reading is None:
+                reading = self._reading[key] = concurrent.futures.Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            # The group's other seats in this process ask at the same moment: wait for the one read.
+            try:
+                return reading.result(timeout=5)
+            except Exception:
+                return _read_group_part(group)
+        try:
+            part = _read_group_part(group)
+        except BaseException as exc:
+            with self._lock:
+                self._reading.pop(key, None)
+            reading.set_exception(exc)
+            raise
         with self._lock:
             self._parts[key] = part
             self._parts.move_to_end(key)
             while len(self._parts) > self.SIZE:
                 self._parts.popitem(last=False)
+            self._reading.pop(key, None)
+        reading.set_result(part)
         return part
 
     def clear(self) -> None:

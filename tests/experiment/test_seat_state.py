@@ -82,3 +82,44 @@ def test_a_view_read_inside_a_transaction_is_not_kept() -> None:
     assert state["version"] == inside["version"]
     assert state["game"]["my_message"] is None  # the undone pitch is not shown from a kept part
     assert _same(state, _uncached_state(candidate.pk))
+
+
+def test_seats_asking_at_the_same_moment_wait_for_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    from django.db import connections
+
+    from experiment import selectors
+
+    group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
+    reads = []
+    real = selectors._read_group_part
+
+    def slow_read(g):
+        reads.append(g.pk)
+        time.sleep(0.2)  # long enough for every other thread to arrive while this one reads
+        return real(g)
+
+    monkeypatch.setattr(selectors, "_read_group_part", slow_read)
+    people = gamekit.people(group)
+    states, problems = {}, []
+
+    def ask(pk: int) -> None:
+        try:
+            states[pk] = seat_state(pk)
+        except Exception as exc:  # pragma: no cover - reported below
+            problems.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=ask, args=(p.pk,)) for p in people]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not problems and len(states) == len(people)
+    assert reads == [group.pk]
+    monkeypatch.setattr(selectors, "_read_group_part", real)
+    for p in people:
+        assert _same(states[p.pk], _uncached_state(p.pk))
