@@ -5,8 +5,10 @@ embedded default — the in-process scheduler started and stopped with the serve
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
+import sys
 
 from django.core.asgi import get_asgi_application
 
@@ -35,6 +37,10 @@ class Lifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                # The consumers' database work runs on this loop's default executor (docs/deployment.md).
+                asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(
+                    settings.PARTNERLAB_WEB_DB_THREADS, thread_name_prefix="web-db"))
+                sys.setswitchinterval(settings.PARTNERLAB_WEB_SWITCH_INTERVAL)
                 if settings.PARTNERLAB_SCHEDULER == "inprocess":
                     task = asyncio.create_task(runner.run())
                 await send({"type": "lifespan.startup.complete"})

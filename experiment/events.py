@@ -223,7 +223,7 @@ def _send_now(channel_group: str, message: dict[str, Any]) -> None:
     try:
         if isinstance(layer, InMemoryChannelLayer):  # its queues belong to the server's own event loop
             async_to_sync(layer.group_send)(channel_group, message)
-        elif _server_loop() is not None:
+        elif server_loop() is not None:
             # In the web process: hand over and return. Waiting for Redis here kept a worker thread (and
             # the participant's ack) waiting for 4 round trips per message, 3-4 messages per action.
             _broadcaster().put(channel_group, message)
@@ -234,7 +234,7 @@ def _send_now(channel_group: str, message: dict[str, Any]) -> None:
         logger.exception("broadcast to %s failed", channel_group)
 
 
-def _server_loop() -> asyncio.AbstractEventLoop | None:
+def server_loop() -> asyncio.AbstractEventLoop | None:
     """The event loop of the ASGI server that called us through sync_to_async, if any."""
     if getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) != os.getpid():
         return None

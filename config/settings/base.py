@@ -105,6 +105,12 @@ PARTNERLAB_SWEEP_SECONDS = float(env_str("PARTNERLAB_SWEEP_SECONDS", "1.0"))
 PARTNERLAB_VAR_DIR = Path(env_str("PARTNERLAB_VAR_DIR", str(BASE_DIR / "var")))
 # Largest websocket frame the participant consumer accepts, in characters.
 PARTNERLAB_MAX_FRAME_CHARS = env_int("PARTNERLAB_MAX_FRAME_CHARS", 8192)
+# Web processes: threads for the participants' database work (consumers), and how often Python hands the
+# interpreter lock between threads. Fewer threads and a 1 ms interval (Python's default is 5 ms) let the
+# event loop, which acknowledges actions and forwards events, get the lock sooner while those threads
+# compute (bench/load.py, 1,000 participants: phase-change p99 519 → 383 ms; docs/benchmarks.md).
+PARTNERLAB_WEB_DB_THREADS = env_int("PARTNERLAB_WEB_DB_THREADS", 3)
+PARTNERLAB_WEB_SWITCH_INTERVAL = float(env_str("PARTNERLAB_WEB_SWITCH_INTERVAL", "0.001"))
 
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
