@@ -100,18 +100,19 @@ class GroupPart:
 
 
 class _GroupParts:
-    SIZE = 512  # groups; a 1,000-person session has about 140
+    SIZE = 512  # (group, version) pairs; only each group's newest is asked for, the rest age out
 
     def __init__(self) -> None:
-        self._parts: OrderedDict[tuple[int, int], GroupPart] = OrderedDict()
-        self._reading: dict[tuple[int, int], concurrent.futures.Future[GroupPart]] = {}
+        self._parts: OrderedDict[tuple[Any, ...], GroupPart] = OrderedDict()
+        self._reading: dict[tuple[Any, ...], concurrent.futures.Future[GroupPart]] = {}
         self._lock = threading.Lock()
 
     def get(self, group: Group) -> GroupPart:
         # Inside a transaction the rows may be this transaction's own, uncommitted: read, never keep.
         if connection.in_atomic_block:
             return _read_group_part(group)
-        key = (group.pk, group.version)
+        # created_at: a database that was reset while a web process ran may give a new group an old id.
+        key = (group.pk, group.created_at, group.version)
         with self._lock:
             part = self._parts.get(key)
             if part is not None:

@@ -7,6 +7,7 @@ import pytest
 from django.conf import settings
 
 from experiment.scheduling import runner
+from experiment.selectors import group_parts
 
 
 @pytest.fixture(autouse=True)
@@ -14,6 +15,14 @@ def _empty_runner():
     runner.clear()
     yield
     runner.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_group_parts():
+    """Each test starts without the group parts an earlier test's views kept in this process."""
+    group_parts.clear()
+    yield
+    group_parts.clear()
 
 
 @pytest.fixture

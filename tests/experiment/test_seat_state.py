@@ -19,13 +19,6 @@ P = Participant
 TWO_HUMAN_CANDIDATES = {"n_candidates": 3, "n_bot_candidates": 1}
 
 
-@pytest.fixture(autouse=True)
-def empty_cache():
-    group_parts.clear()
-    yield
-    group_parts.clear()
-
-
 def _uncached_state(participant_id: int) -> dict:
     group_parts.clear()
     return seat_state(participant_id)
