@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
 import uuid
 
 import dj_database_url
@@ -67,7 +68,11 @@ elif _mode == "auto":
         " production-stack tests will be skipped. CI sets PARTNERLAB_TEST_SERVICES=require. ***\n",
         file=sys.stderr,
     )
-    DATABASES["default"]["NAME"] = ":memory:"
-    DATABASES["default"]["TEST"] = {"NAME": ""}
+if not PRODUCTION_SERVICES:
+    # A file, not Django's default in-memory test database: that one is shared between threads through
+    # SQLite's shared cache, whose table locks fail at once instead of waiting ("database table is
+    # locked"), and the game's threads (consumers, scheduler, LLM turns) write at the same time, as they
+    # do on the embedded default's db.sqlite3. pytest-django creates and deletes the file.
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(tempfile.gettempdir(), f"partnerlab-test-{os.getpid()}.sqlite3")}
 
 PARTNERLAB_SCHEDULER = "inprocess"
