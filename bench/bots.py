@@ -132,11 +132,15 @@ def worker(index: int, share: int, base_url: str, go_at: Any, ready: Any, result
             cpu0, start = time.process_time(), time.time()
             outcomes = await asyncio.gather(*(decide(v) for v in views))
             end, cpu = time.time(), time.process_time() - cpu0
-            results.put((burst, index, {"start": start, "end": end, "cpu": cpu, "latencies": [o[1] for o in outcomes],
-                                        "valid": sum(o[0] for o in outcomes), "errors": [o[2] for o in outcomes if not o[0]][:5]}))
+            results.put((burst, index, _burst_result(start, end, cpu, outcomes)))
         await llm.close_async_clients()
 
     asyncio.run(run())
+
+
+def _burst_result(start: float, end: float, cpu: float, outcomes: list[tuple[bool, float, str]]) -> dict[str, Any]:
+    return {"start": start, "end": end, "cpu": cpu, "latencies": [o[1] for o in outcomes],
+            "valid": sum(o[0] for o in outcomes), "errors": [o[2] for o in outcomes if not o[0]][:5]}
 
 
 def run_threads(share: int, views: list[dict[str, Any]], decide: Any, go_at: Any, ready: Any, results: Any,
@@ -167,8 +171,7 @@ def run_threads(share: int, views: list[dict[str, Any]], decide: Any, go_at: Any
         for t in pool:
             t.join()
         end, cpu = time.time(), time.process_time() - cpu0
-        results.put((burst, index, {"start": start, "end": end, "cpu": cpu, "latencies": [o[1] for o in outcomes],
-                                    "valid": sum(o[0] for o in outcomes), "errors": [o[2] for o in outcomes if not o[0]][:5]}))
+        results.put((burst, index, _burst_result(start, end, cpu, outcomes)))
     background.submit(llm.close_async_clients()).result(5)
 
 

@@ -396,9 +396,7 @@ def _request(settings: llm.LLMSettings, messages: list[dict[str, Any]],
         return future.result(timeout=settings.timeout + LEASE_MARGIN)
     except concurrent.futures.TimeoutError:
         future.cancel()
-        return llm.ChatResult(latency_ms=round((time.perf_counter() - started) * 1000), error_class="APITimeoutError",
-                              transient=True, error_message=f"No reply from {settings.base_url} within "
-                                                            f"{settings.timeout + LEASE_MARGIN:g} s.")
+        return llm.timed_out(settings, round((time.perf_counter() - started) * 1000), settings.timeout + LEASE_MARGIN)
 
 
 def _db_step(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -447,7 +445,7 @@ class Background:
     a job that waited for a model there would hold one for seconds and could delay phase deadlines. Here
     hundreds of turns wait at once on one loop, and only their short database steps borrow a thread.
 
-    Celery: the task's thread runs the turn and hands only the request to this loop (:meth:`call`), so
+    Celery: the task's thread runs the turn and hands only the request to this loop (:func:`_request`), so
     a worker with a thread pool of hundreds shares one connection pool and one async client, which
     costs a fraction of the CPU of hundreds of synchronous clients (bench/bots.py --threads).
     """

@@ -254,7 +254,6 @@ class FakeOpenAI:
             await self._send(writer, reply.status, reply.raw, reply.headers)
         elif reply.status != 200:
             await self._send(writer, reply.status, reply.body or {"error": {"message": "error"}}, reply.headers)
-            return True
         else:
             await self._send(writer, 200, self._completion(request, reply), reply.headers)
         return True

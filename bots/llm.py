@@ -156,7 +156,7 @@ CHAT_PATH = "/chat/completions"
 
 
 def complete(settings: LLMSettings, messages: list[dict[str, Any]], response_format: dict[str, Any] | None) -> ChatResult:
-    """One chat completion, synchronously (Celery workers, the admin's test button)."""
+    """One chat completion, synchronously (the admin's "Test this profile" button)."""
     started = time.perf_counter()
     try:
         body = sync_client(settings).post(CHAT_PATH, body=settings.request(messages, response_format), cast_to=bytes)
@@ -167,7 +167,7 @@ def complete(settings: LLMSettings, messages: list[dict[str, Any]], response_for
 
 async def acomplete(settings: LLMSettings, messages: list[dict[str, Any]],
                     response_format: dict[str, Any] | None) -> ChatResult:
-    """One chat completion on the running event loop (the embedded default, benchmarks)."""
+    """One chat completion on the running event loop (every bot turn: ``bots.decisions.background``)."""
     started = time.perf_counter()
     try:
         body = await async_client(settings).post(CHAT_PATH, body=settings.request(messages, response_format), cast_to=bytes)
@@ -220,14 +220,12 @@ def failure(exc: BaseException, settings: LLMSettings, started: float) -> ChatRe
     """Describe a failed request in plain words, and say whether retrying can help."""
     latency = _elapsed_ms(started)
     name = type(exc).__name__
-    refused = _connection_failure(exc)
-    if isinstance(exc, openai.APITimeoutError) and refused is not None:
+    if isinstance(exc, openai.APITimeoutError) and (refused := _connection_failure(exc)) is not None:
         # The aiohttp transport reports a refused or failed connection as a connect *timeout*; it is not one.
         exc, name = openai.APIConnectionError(request=exc.request), "APIConnectionError"
         exc.__cause__ = refused
     if isinstance(exc, openai.APITimeoutError):
-        return ChatResult(latency_ms=latency, error_class=name, transient=True,
-                          error_message=f"No reply from {settings.base_url} within {settings.timeout:g} s.")
+        return timed_out(settings, latency, settings.timeout)
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__ or exc.__context__
         detail = f" ({type(cause).__name__}: {cause})" if cause else ""
@@ -246,6 +244,12 @@ def failure(exc: BaseException, settings: LLMSettings, started: float) -> ChatRe
         return ChatResult(latency_ms=latency, error_class=name, http_status=status, retry_after=retry_after,
                           transient=transient, error_message=f"HTTP {status}: {exc.message}.{hint}".replace("..", "."))
     return ChatResult(latency_ms=latency, error_class=name, error_message=f"Unexpected failure: {exc}")
+
+
+def timed_out(settings: LLMSettings, latency_ms: int, seconds: float) -> ChatResult:
+    """No reply within ``seconds``: worth another try."""
+    return ChatResult(latency_ms=latency_ms, error_class="APITimeoutError", transient=True,
+                      error_message=f"No reply from {settings.base_url} within {seconds:g} s.")
 
 
 def _connection_failure(exc: BaseException) -> OSError | None:

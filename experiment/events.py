@@ -29,6 +29,8 @@ from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.db import transaction
 
+from experiment.perprocess import PerProcess
+
 logger = logging.getLogger(__name__)
 
 
@@ -199,13 +201,22 @@ def monitor_channel(session_id: int) -> str:
     return f"monitor-{session_id}"
 
 
-def send_on_commit(channel_group: str, message: dict[str, Any], *, once: bool = False) -> None:
+# Messages that only say "look again": one per transaction and one per sender batch is enough, because
+# whoever receives it reads the state as it is then.
+REFRESH_TYPES = frozenset({"seat.refresh", "monitor.changed"})
+
+
+def _refresh_key(channel_group: str, message: dict[str, Any]) -> tuple[str, str] | None:
+    return (channel_group, repr(sorted(message.items()))) if message["type"] in REFRESH_TYPES else None
+
+
+def send_on_commit(channel_group: str, message: dict[str, Any]) -> None:
     """Send to a channel group once the current transaction has committed (never before).
 
-    ``once``: the message only says "look again" (a refresh), so one per transaction is enough however
-    often the transaction asks; every Event row asked the monitors to look again, 2-5 times per action.
+    A refresh is sent once per transaction however often the transaction asks (every Event row asked the
+    monitors to look again, 2-5 times per action).
     """
-    key = (channel_group, repr(sorted(message.items()))) if once else None
+    key = _refresh_key(channel_group, message)
     if key is not None:
         connection = transaction.get_connection()
         if connection.in_atomic_block and any(getattr(entry[1], "partnerlab_key", None) == key
@@ -226,9 +237,9 @@ def _send_now(channel_group: str, message: dict[str, Any]) -> None:
         elif server_loop() is not None:
             # In the web process: hand over and return. Waiting for Redis here kept a worker thread (and
             # the participant's ack) waiting for 4 round trips per message, 3-4 messages per action.
-            _broadcaster().put(channel_group, message)
+            _broadcaster.get().put(channel_group, message)
         else:  # Celery task, command: wait, so that a finished task has told everyone
-            future = asyncio.run_coroutine_threadsafe(layer.group_send(channel_group, message), _broadcaster().loop)
+            future = asyncio.run_coroutine_threadsafe(layer.group_send(channel_group, message), _broadcaster.get().loop)
             future.result(timeout=30)
     except Exception:  # a lost notification must never undo a committed action: clients resync on reconnect
         logger.exception("broadcast to %s failed", channel_group)
@@ -304,12 +315,12 @@ class _Broadcaster:
 
 def _coalesce(batch: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
     """Drop a refresh that repeats an earlier one of the same batch: the first is delivered after every
-    commit of the batch, and whoever receives it reads the state as it is then."""
+    commit of the batch."""
     seen: set[tuple[str, str]] = set()
     kept = []
     for channel_group, message in batch:
-        if message["type"] in ("seat.refresh", "monitor.changed"):
-            key = (channel_group, repr(sorted(message.items())))
+        key = _refresh_key(channel_group, message)
+        if key is not None:
             if key in seen:
                 continue
             seen.add(key)
@@ -317,20 +328,11 @@ def _coalesce(batch: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[s
     return kept
 
 
-_broadcaster_lock = threading.Lock()
-_broadcaster_of: tuple[int, _Broadcaster] | None = None
-
-
-def _broadcaster() -> _Broadcaster:
-    global _broadcaster_of
-    with _broadcaster_lock:
-        if _broadcaster_of is None or _broadcaster_of[0] != os.getpid():  # a forked worker has no such thread
-            _broadcaster_of = (os.getpid(), _Broadcaster())
-        return _broadcaster_of[1]
+_broadcaster = PerProcess(_Broadcaster)
 
 
 def refresh_on_commit(channel_group: str) -> None:
-    send_on_commit(channel_group, {"type": "seat.refresh"}, once=True)
+    send_on_commit(channel_group, {"type": "seat.refresh"})
 
 
 def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
@@ -339,4 +341,4 @@ def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
 
 def monitor_on_commit(session_id: int, group_id: int | None) -> None:
     """Tell the session's live monitors that a group (or, with None, the lobby/session) changed."""
-    send_on_commit(monitor_channel(session_id), {"type": "monitor.changed", "group_id": group_id}, once=True)
+    send_on_commit(monitor_channel(session_id), {"type": "monitor.changed", "group_id": group_id})

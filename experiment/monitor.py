@@ -69,15 +69,15 @@ def session_overview(session_id: int) -> dict[str, Any]:
     session = Session.objects.select_related("experiment").get(pk=session_id)
     groups = list(session.groups.select_related("condition", "session__experiment")
                   .prefetch_related(Prefetch("participants", queryset=Participant.objects.all())))
-    people = _people(session)
+    by_stage = people_by_stage(session)
     return {
         "type": "monitor.state", "server_time": timezone.now().isoformat(),
         "session": session_header(session),
         "lobby": lobby_queue(session),
         "groups": [group_summary(g, list(g.participants.all())) for g in groups],
         "totals": {
-            "people": people.count(),
-            "by_status": people_by_stage(session),
+            "people": sum(by_stage.values()),
+            "by_status": by_stage,
             "groups_playing": sum(g.status == Group.Status.PLAYING for g in groups),
             "groups_finished": sum(g.status == Group.Status.FINISHED for g in groups),
             "points": sum(p.payoff for g in groups for p in g.participants.all() if p.kind == P.Kind.HUMAN),

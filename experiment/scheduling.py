@@ -12,13 +12,11 @@ twice, late, or not at all (the sweep closes overdue phases) never corrupts a ga
 from __future__ import annotations
 
 import asyncio
-import atexit
+import concurrent.futures
 import contextlib
 import heapq
 import itertools
 import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +27,8 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
+
+from experiment.perprocess import PerProcess
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ def submit(job: str, *, at: datetime | None = None, **kwargs: Any) -> None:
 
         if server_loop() is not None:
             # In a web process the caller is a participant's request, holding one of a few database threads:
-            # hand the publish to this process's publisher thread instead of a broker round trip here.
-            _publisher().put((job, at, kwargs))
+            # hand the publish to this process's publisher thread (one, so jobs leave in order) instead of a
+            # broker round trip here. Queued publishes still go out when the process exits.
+            _publisher.get().submit(_publish, job, at, kwargs).add_done_callback(_report_failure)
         else:
             _publish(job, at, kwargs)
     else:
@@ -58,41 +59,12 @@ def _publish(job: str, at: datetime | None, kwargs: dict[str, Any]) -> None:
     tasks.TASKS[job].apply_async(kwargs=kwargs, eta=at)
 
 
-class _Publisher:
-    """One thread per web process that sends jobs to the broker in the order they were submitted."""
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[tuple[str, datetime | None, dict[str, Any]]] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="partnerlab-publish", daemon=True).start()
-        atexit.register(self.drain, 5.0)
-
-    def put(self, item: tuple[str, datetime | None, dict[str, Any]]) -> None:
-        self.queue.put(item)
-
-    def _run(self) -> None:
-        while True:
-            job, at, kwargs = self.queue.get()
-            try:
-                _publish(job, at, kwargs)
-            except Exception:  # the sweep still closes the phase at its deadline
-                logger.exception("could not hand job %s %s to the broker", job, kwargs)
-
-    def drain(self, timeout: float) -> None:
-        end = time.monotonic() + timeout
-        while not self.queue.empty() and time.monotonic() < end:
-            time.sleep(0.01)
+def _report_failure(future: concurrent.futures.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:  # the sweep still closes the phase at its deadline
+        logger.error("could not hand a job to the broker", exc_info=future.exception())
 
 
-_publisher_lock = threading.Lock()
-_publisher_of: tuple[int, _Publisher] | None = None
-
-
-def _publisher() -> _Publisher:
-    global _publisher_of
-    with _publisher_lock:
-        if _publisher_of is None or _publisher_of[0] != os.getpid():
-            _publisher_of = (os.getpid(), _Publisher())
-        return _publisher_of[1]
+_publisher = PerProcess(lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="partnerlab-publish"))
 
 
 def _job(name: str) -> Callable[..., Any]:

@@ -44,7 +44,7 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
             and group.status == Group.Status.PLAYING):
         stage = P.Status.PLAYING
     if stage == P.Status.PLAYING and group is not None:
-        shared = _group_part(group)
+        shared = group_parts.get(group)
         experiment = shared.experiment
     else:
         shared = None
@@ -152,7 +152,6 @@ class _GroupParts:
 
 
 group_parts = _GroupParts()
-_group_part = group_parts.get
 
 
 def _read_group_part(group: Group) -> GroupPart:
