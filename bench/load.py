@@ -508,6 +508,8 @@ def _text(r: dict[str, Any]) -> str:
             f"Decisions: {r['decisions']} (actions acked: {r['actions']}); errors: {r['errors']} {r['errors_by_kind'] or ''}",
             f"Action → ack:             {ms(r['ack_ms'])}",
             f"Last decision → group:    {ms(r['phase_change_ms'])}",
+            f"  of which until the view: {ms(r['phase_change_to_view_ms'])}",
+            f"  view built → client:     {ms(r['phase_change_view_to_client_ms'])}",
             f"Deadline → group:         {ms(r['phase_change_after_deadline_ms'])}",
             "CPU (cores busy): " + ", ".join(f"{k.removesuffix('_cores')} {v}" for k, v in cpu.items() if k.endswith("_cores")),
             "Timeline (s: actions, ack p99 ms | cores: ours, other programs): " + "  ".join(

@@ -85,6 +85,7 @@ class PhaseRecord:
     started: float  # server's phase_started, epoch seconds
     received: float  # when this client got the first state of the phase, epoch seconds
     previous_deadline: float | None  # deadline of the phase this client saw before (None: first phase)
+    built: float | None = None  # the state's server_time: when the server built this client's view
 
     @property
     def after_decision(self) -> bool:
@@ -303,7 +304,8 @@ class SimClient:
             return
         self._seen_phases.add(key)
         self.report.phases.append(PhaseRecord(round=key[0], phase=key[1], started=_epoch(game["phase_started"]) or 0.0,
-                                              received=received, previous_deadline=self._last_deadline))
+                                              received=received, previous_deadline=self._last_deadline,
+                                              built=_epoch(state.get("server_time"))))
         self._last_deadline = _epoch(game.get("deadline"))
 
     def _task(self, state: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -435,7 +437,8 @@ def phase_change_latencies(reports: Sequence[ClientReport], group_of: Mapping[st
     """Per phase of each group: time from the server opening it to the *last* client of the group receiving it.
 
     Split by cause: ``after_decision`` (the previous phase's last decision opened it) and
-    ``after_deadline`` (the previous phase ran its time, e.g. feedback, or a timeout).
+    ``after_deadline`` (the previous phase ran its time, e.g. feedback, or a timeout). For the first,
+    ``to_view`` and ``view_to_client`` split the slowest client's time at its state's ``server_time``.
     """
     seen: dict[tuple[Hashable, int, str], list[PhaseRecord]] = defaultdict(list)
     for report in reports:
@@ -444,12 +447,17 @@ def phase_change_latencies(reports: Sequence[ClientReport], group_of: Mapping[st
             continue
         for record in report.phases:
             seen[(group, record.round, record.phase)].append(record)
-    out: dict[str, list[float]] = {"after_decision": [], "after_deadline": []}
+    out: dict[str, list[float]] = {"after_decision": [], "after_deadline": [], "to_view": [], "view_to_client": []}
     for records in seen.values():
         if all(r.previous_deadline is None for r in records):
             continue  # the game's first phase: opened by the lobby, not by a phase
-        latency = max(r.received for r in records) - records[0].started
-        out["after_decision" if any(r.after_decision for r in records) else "after_deadline"].append(max(0.0, latency))
+        last = max(records, key=lambda r: r.received)
+        latency = last.received - records[0].started
+        after_decision = any(r.after_decision for r in records)
+        out["after_decision" if after_decision else "after_deadline"].append(max(0.0, latency))
+        if after_decision and last.built is not None:  # where the slowest client's time went
+            out["to_view"].append(max(0.0, last.built - records[0].started))
+            out["view_to_client"].append(max(0.0, last.received - last.built))
     return out
 
 
@@ -475,6 +483,9 @@ def summarize(reports: Sequence[ClientReport], *, group_of: Mapping[str, Hashabl
                              for kind in sorted({a.action for r in reports for a in r.actions})},
         "phase_change_ms": percentiles(phases["after_decision"]),
         "phase_change_after_deadline_ms": percentiles(phases["after_deadline"]),
+        # The slowest client's share of "phase_change_ms": until its view was built, and from then to it.
+        "phase_change_to_view_ms": percentiles(phases["to_view"]),
+        "phase_change_view_to_client_ms": percentiles(phases["view_to_client"]),
     }
 
 
