@@ -1,0 +1,170 @@
+"""CPU and queries of the two things a web process does most: an action and a seat's view.
+
+bench/load.py answers "does the machine hold 1,000 people"; its runs take 9 minutes and vary with the
+machine. This answers "what does one action cost" in seconds and repeatably, so that a change to the hot
+paths can be judged before a load run: it plays whole games of the default design in one process through
+the same calls the websocket consumer makes (``actions.dispatch`` for an action, ``seat_state`` for a
+view), with the synthetic humans of ``bots.synthetic`` deciding from their views, and after every action
+asks for the views a real server would send (the actor's own; every person's at a phase change).
+
+Usage: .venv/bin/python bench/hotpath.py [--groups 20] [--profile out.txt]
+Drops and recreates partnerlab_hotpath_bench on 127.0.0.1's PostgreSQL; the channel layer is Redis db 12.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.monitor import _drop, _recreate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--groups", type=int, default=20)
+    parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/partnerlab_hotpath_bench")
+    parser.add_argument("--profile", help="Write a cProfile summary (by cumulative time) of the timed part here.")
+    args = parser.parse_args()
+    if not args.database_url.startswith("postgres://postgres@127.0.0.1:"):
+        parser.error("--database-url must point at 127.0.0.1")
+    _recreate(args.database_url)
+    os.environ.update({
+        "DJANGO_SETTINGS_MODULE": "config.settings.production", "DJANGO_SECRET_KEY": "bench-only-" + "x" * 50,
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1", "DATABASE_URL": args.database_url, "REDIS_URL": "redis://127.0.0.1:6379/12",
+    })
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    settings.PARTNERLAB_SCHEDULER = "inprocess"  # jobs queue up; the loop below runs the bots' at once
+    try:
+        call_command("migrate", verbosity=0)
+        _run(args.groups, args.profile)
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        _drop(args.database_url)
+
+
+class Meter:
+    """CPU seconds and queries per kind of call."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[str, list[float]] = defaultdict(list)
+        self.queries: dict[str, int] = defaultdict(int)
+
+    def call(self, kind: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        with CaptureQueriesContext(connection) as captured:
+            start = time.thread_time()
+            result = fn(*args, **kwargs)
+            self.cpu[kind].append(time.thread_time() - start)
+        self.queries[kind] += len(captured)
+        return result
+
+    def lines(self) -> list[str]:
+        out = []
+        for kind, times in sorted(self.cpu.items()):
+            times = sorted(times)
+            n = len(times)
+            out.append(f"{kind:<16} n={n:<6} CPU mean {sum(times) / n * 1000:6.2f} ms   p50 {times[n // 2] * 1000:6.2f} ms   "
+                       f"p95 {times[int(n * 0.95)] * 1000:6.2f} ms   queries/call {self.queries[kind] / n:5.1f}")
+        return out
+
+
+def _run(n_groups: int, profile: str | None) -> None:
+    import cProfile
+    import pstats
+
+    from django.utils import timezone
+
+    from bots import automation
+    from bots.synthetic import SyntheticHuman
+    from experiment import actions, services
+    from experiment.models import Condition, Experiment, Group, Participant, Session
+    from experiment.scheduling import runner
+    from experiment.selectors import seat_state
+
+    P = Participant
+    experiment = Experiment.objects.create(name="Hot path bench", slug="hotpath-bench", n_rounds=3)
+    Condition.objects.create(experiment=experiment, name="hidden")
+    Condition.objects.create(experiment=experiment, name="disclosed", disclose_identity=True)
+    session = Session.objects.create(experiment=experiment, capacity=n_groups * experiment.n_humans)
+    human = SyntheticHuman(quiz_key={str(i): q["answer"] for i, q in enumerate(experiment.quiz)})
+    rng = random.Random(1)
+    meter = Meter()
+    people = [services.participant_join(session_id=session.pk).pk for _ in range(n_groups * experiment.n_humans)]
+
+    states: dict[int, dict[str, Any]] = {pid: meter.call("view on connect", seat_state, pid) for pid in people}
+    known: dict[int, tuple[Any, ...]] = {}  # group → (status, round, phase) its people last saw
+
+    def phase_views(group_ids: Any) -> set[int]:
+        """The views a server sends when a group's phase changed: every person's. Returns who got one."""
+        seen = set()
+        for g in Group.objects.filter(pk__in=list(group_ids)):
+            key = (g.status, g.round_number, g.phase)
+            if known.get(g.pk) != key:
+                known[g.pk] = key
+                for pid in g.participants.filter(controller=P.Controller.PERSON).values_list("pk", flat=True):
+                    states[pid] = meter.call("phase view", seat_state, pid)
+                    seen.add(pid)
+        return seen
+
+    def act(pid: int) -> bool:
+        """The person acts on their last view if it asks something of them; True when they did."""
+        messages = human.decide(states[pid], rng)
+        for message in messages:
+            meter.call("action", actions.dispatch, pid, message)
+            group_id = Participant.objects.values_list("group_id", flat=True).get(pk=pid)
+            if pid not in phase_views([group_id] if group_id else []):
+                states[pid] = meter.call("view after action", seat_state, pid)
+        return bool(messages)
+
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
+    began = time.perf_counter()
+    while True:
+        busy = False
+        for pid in people:
+            busy |= act(pid)
+        for name, kwargs in runner._pop_due(float("inf")):
+            if name == "seat_act":
+                meter.call("bot (Celery)", automation.seat_act, **kwargs)
+                phase_views(Participant.objects.filter(pk=kwargs["participant_id"]).values_list("group_id", flat=True))
+                busy = True
+        if not busy:
+            playing = Group.objects.filter(session=session, status=Group.Status.PLAYING)
+            if not playing.exists():
+                break
+            # Nobody owes anything (feedback, or waiting out a phase): let the deadline pass.
+            ids = list(playing.values_list("pk", flat=True))
+            playing.update(phase_deadline=timezone.now() - timezone.timedelta(seconds=1))
+            meter.call("deadline sweep", services.sweep)
+            phase_views(ids)
+    took = time.perf_counter() - began
+    if profiler:
+        profiler.disable()
+        with open(profile, "w") as out:
+            pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(80)
+    finished = Group.objects.filter(session=session, status=Group.Status.FINISHED).count()
+    print(f"{n_groups} groups of {experiment.n_humans} people, {experiment.n_rounds} rounds: {finished} finished "
+          f"in {took:.1f} s")
+    print("\n".join(meter.lines()))
+
+
+if __name__ == "__main__":
+    main()
