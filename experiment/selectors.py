@@ -10,8 +10,9 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections import OrderedDict, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from django.db import connection
 from django.utils import timezone
@@ -32,6 +33,7 @@ from experiment.models import (
 from experiment.questionnaire import QUESTIONS
 
 P = Participant
+T = TypeVar("T")
 
 
 def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str, Any]:
@@ -44,7 +46,7 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
             and group.status == Group.Status.PLAYING):
         stage = P.Status.PLAYING
     if stage == P.Status.PLAYING and group is not None:
-        shared = group_parts.get(group)
+        shared = phase_parts.get(group)
         experiment = shared.experiment
     else:
         shared = None
@@ -82,95 +84,107 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
     return state
 
 
-# ---- the part of a game view that every seat of a group shares ----------------------------------------------
+# ---- the parts of a game view that every seat of a group shares ----------------------------------------------
 # At a phase change every person in the group asks for a new state at once, and their connections may sit in
-# the same web process. What all seats see alike is read once per group *version* (``Group.version`` goes up
-# with every change anyone in the group can see, under the group's lock) and kept, per process, for the
-# seats that ask after it. Rows are read after the version, so a kept part is never older than its version.
+# the same web process. What all seats see alike is read once and kept, per process, for the seats that ask
+# after it, in two parts that change at different speeds:
+# - what is fixed for a whole phase (the experiment, the seats, the round's messages once the pitch phase is
+#   over, the public tally): kept per (group, round, phase);
+# - the phase's progress, which every action changes: kept per group *version* (``Group.version`` goes up with
+#   every change anyone in the group can see, under the group's lock).
+# Rows are read after the group row they are keyed on, so a kept part is never older than its key.
 
 
 @dataclass(frozen=True)
-class GroupPart:
+class PhasePart:
     experiment: Experiment
     policy: game.LabelPolicy
     seats: list[Participant]
-    messages: dict[int, Message]
-    progress: dict[str, int]
+    messages: dict[int, Message] | None  # None during the pitch phase: nobody sees another's message yet
     tally: dict[str, int] | None
 
 
-class _GroupParts:
-    SIZE = 512  # (group, version) pairs; only each group's newest is asked for, the rest age out
+class _Kept(Generic[T]):
+    """Values read once per key and kept per process (least recently used go first).
 
-    def __init__(self) -> None:
-        self._parts: OrderedDict[tuple[Any, ...], GroupPart] = OrderedDict()
-        self._reading: dict[tuple[Any, ...], concurrent.futures.Future[GroupPart]] = {}
+    Seats asking for a key that is being read wait for that one read. Inside a transaction the rows may be the
+    transaction's own, uncommitted: read, never keep.
+    """
+
+    SIZE = 512  # only each group's newest key is asked for; the rest age out
+
+    def __init__(self, read: Callable[..., T], key: Callable[[Group], tuple[Any, ...]]) -> None:
+        self._read, self._key = read, key
+        self._kept: OrderedDict[tuple[Any, ...], T] = OrderedDict()
+        self._reading: dict[tuple[Any, ...], concurrent.futures.Future[T]] = {}
         self._lock = threading.Lock()
 
-    def get(self, group: Group) -> GroupPart:
-        # Inside a transaction the rows may be this transaction's own, uncommitted: read, never keep.
+    def get(self, group: Group, *args: Any) -> T:
+        """The value for the group as it is now; ``args`` go to the read function."""
         if connection.in_atomic_block:
-            return _read_group_part(group)
+            return self._read(group, *args)
         # created_at: a database that was reset while a web process ran may give a new group an old id.
-        key = (group.pk, group.created_at, group.version)
+        key = (group.pk, group.created_at, *self._key(group))
         with self._lock:
-            part = self._parts.get(key)
-            if part is not None:
-                self._parts.move_to_end(key)
-                return part
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
             reading = self._reading.get(key)
-            if reading is None:
+            mine = reading is None
+            if mine:
                 reading = self._reading[key] = concurrent.futures.Future()
-                mine = True
-            else:
-                mine = False
         if not mine:
-            # The group's other seats in this process ask at the same moment: wait for the one read.
             try:
                 return reading.result(timeout=5)
             except Exception:
-                return _read_group_part(group)
+                return self._read(group, *args)
         try:
-            part = _read_group_part(group)
+            value = self._read(group, *args)
         except BaseException as exc:
             with self._lock:
                 self._reading.pop(key, None)
             reading.set_exception(exc)
             raise
         with self._lock:
-            self._parts[key] = part
-            self._parts.move_to_end(key)
-            while len(self._parts) > self.SIZE:
-                self._parts.popitem(last=False)
+            self._kept[key] = value
+            while len(self._kept) > self.SIZE:
+                self._kept.popitem(last=False)
             self._reading.pop(key, None)
-        reading.set_result(part)
-        return part
+        reading.set_result(value)
+        return value
 
     def clear(self) -> None:
         with self._lock:
-            self._parts.clear()
+            self._kept.clear()
 
 
-group_parts = _GroupParts()
-
-
-def _read_group_part(group: Group) -> GroupPart:
+def _read_phase_part(group: Group) -> PhasePart:
     g = Group.objects.select_related("session__experiment", "condition").get(pk=group.pk)
     experiment = g.session.experiment
-    params = experiment.params()
-    r = group.round_number
+    r, phase = group.round_number, Phase(group.phase)
     # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
     seats = list(group.participants.order_by())
     tally = None
-    if Phase(group.phase) in (Phase.FEEDBACK, Phase.BELIEF) and experiment.show_public_tally:
+    if phase in (Phase.FEEDBACK, Phase.BELIEF) and experiment.show_public_tally:
         tally = dict.fromkeys(sorted(s.seat for s in seats if s.role == P.Role.CANDIDATE), 0)
         for seat in Choice.objects.filter(group=group, round_number=r, candidate__isnull=False).values_list(
                 "candidate__seat", flat=True):
             tally[seat] += 1
-    return GroupPart(
-        experiment=experiment, policy=g.condition.label_policy(), seats=seats,
-        messages={m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r).order_by()},
-        progress=services.progress(group, params), tally=tally)
+    messages = None
+    if phase != Phase.PITCH:
+        messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r).order_by()}
+    return PhasePart(experiment=experiment, policy=g.condition.label_policy(), seats=seats, messages=messages,
+                     tally=tally)
+
+
+phase_parts: _Kept[PhasePart] = _Kept(lambda g, *_: _read_phase_part(g), key=lambda g: (g.round_number, g.phase))
+progress_parts: _Kept[dict[str, int]] = _Kept(lambda g, params: services.progress(g, params), key=lambda g: (g.version,))
+
+
+def clear_kept() -> None:
+    """Forget every kept part (tests: a new database may reuse ids and creation times)."""
+    phase_parts.clear()
+    progress_parts.clear()
 
 
 def _lobby(p: Participant) -> dict[str, Any]:
@@ -207,7 +221,7 @@ def _redirect_for(url: str, completion_code: str, code: str) -> str:
     return url.replace(completion_code, code) if completion_code and completion_code in url else ""
 
 
-def _game(p: Participant, group: Group, params: game.Params, shared: GroupPart) -> dict[str, Any]:
+def _game(p: Participant, group: Group, params: game.Params, shared: PhasePart) -> dict[str, Any]:
     r, phase = group.round_number, Phase(group.phase)
     by_id = {s.pk: s for s in shared.seats}
     candidates = sorted((s for s in shared.seats if s.role == P.Role.CANDIDATE), key=lambda s: s.seat)
@@ -216,13 +230,13 @@ def _game(p: Participant, group: Group, params: game.Params, shared: GroupPart) 
         "round": r, "rounds": params.n_rounds, "phase": str(phase),
         "deadline": group.phase_deadline.isoformat() if group.phase_deadline else None,
         "phase_started": group.phase_started_at.isoformat() if group.phase_started_at else None,
-        "progress": dict(shared.progress),
+        "progress": dict(progress_parts.get(group, params)),
         "paused": group.paused_at is not None,
         "payoff_total": p.payoff,
         "todo": False,
     }
-    messages = shared.messages
-    show_messages = phase != Phase.PITCH
+    show_messages = shared.messages is not None
+    messages = shared.messages or {}
 
     def card(c: Participant) -> dict[str, Any]:
         m = messages.get(c.pk)
@@ -260,7 +274,10 @@ def _game(p: Participant, group: Group, params: game.Params, shared: GroupPart) 
             g["todo"] = len(given) < len(candidates)
     else:
         g["candidates"] = [card(c) for c in candidates]
-        mine_msg = messages.get(p.pk)
+        if show_messages:
+            mine_msg = messages.get(p.pk)
+        else:  # the pitch phase: only their own message, which they may have just sent
+            mine_msg = Message.objects.filter(candidate=p, round_number=r).order_by().first()
         g["my_message"] = {"text": mine_msg.text, "timed_out": mine_msg.timed_out} if mine_msg else None
         if phase == Phase.PITCH:
             g["todo"] = mine_msg is None

@@ -7,7 +7,7 @@ import pytest
 from django.conf import settings
 
 from experiment.scheduling import runner
-from experiment.selectors import group_parts
+from experiment.selectors import clear_kept
 
 
 @pytest.fixture(autouse=True)
@@ -20,9 +20,9 @@ def _empty_runner():
 @pytest.fixture(autouse=True)
 def _no_kept_group_parts():
     """Each test starts without the group parts an earlier test's views kept in this process."""
-    group_parts.clear()
+    clear_kept()
     yield
-    group_parts.clear()
+    clear_kept()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""The part of a game view that a group's seats share is read once per group version and kept per process.
+"""The parts of a game view that a group's seats share are read once and kept per process: what is fixed for
+a phase per (group, round, phase), the progress per group version.
 
-These tests pin down when a kept part may be used: only for the exact version it was read at, never for
-a newer one, and never when it was read inside a transaction (its rows may be uncommitted)."""
+These tests pin down when a kept part may be used: only for the exact phase or version it was read at,
+never for a newer one, and never when it was read inside a transaction (its rows may be uncommitted)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 
 from experiment import services
 from experiment.models import Participant
-from experiment.selectors import group_parts, seat_state
+from experiment.selectors import clear_kept, seat_state
 from tests.experiment import gamekit
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -20,7 +21,7 @@ TWO_HUMAN_CANDIDATES = {"n_candidates": 3, "n_bot_candidates": 1}
 
 
 def _uncached_state(participant_id: int) -> dict:
-    group_parts.clear()
+    clear_kept()
     return seat_state(participant_id)
 
 
@@ -33,7 +34,7 @@ def test_seats_of_one_version_share_one_read_and_see_what_they_would_see_alone()
     gamekit.pitch_all(group)
     people = gamekit.people(group)
     alone = {p.pk: _uncached_state(p.pk) for p in people}
-    group_parts.clear()
+    clear_kept()
     with CaptureQueriesContext(connection) as first:
         seat_state(people[0].pk)
     with CaptureQueriesContext(connection) as second:
@@ -87,14 +88,14 @@ def test_seats_asking_at_the_same_moment_wait_for_one_read(monkeypatch: pytest.M
 
     group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
     reads = []
-    real = selectors._read_group_part
+    real = selectors._read_phase_part
 
     def slow_read(g):
         reads.append(g.pk)
         time.sleep(0.2)  # long enough for every other thread to arrive while this one reads
         return real(g)
 
-    monkeypatch.setattr(selectors, "_read_group_part", slow_read)
+    monkeypatch.setattr(selectors, "_read_phase_part", slow_read)
     people = gamekit.people(group)
     states, problems = {}, []
 
@@ -113,6 +114,54 @@ def test_seats_asking_at_the_same_moment_wait_for_one_read(monkeypatch: pytest.M
         t.join(10)
     assert not problems and len(states) == len(people)
     assert reads == [group.pk]
-    monkeypatch.setattr(selectors, "_read_group_part", real)
+    monkeypatch.setattr(selectors, "_read_phase_part", real)
     for p in people:
         assert _same(states[p.pk], _uncached_state(p.pk))
+
+
+def _fresh_state(participant_id: int) -> dict:
+    """The view read without kept parts: inside a transaction nothing kept is used (nor kept)."""
+    with transaction.atomic():
+        return seat_state(participant_id)
+
+
+def test_kept_views_equal_fresh_views_after_every_action_of_a_whole_game() -> None:
+    import random
+
+    from bots.synthetic import SyntheticHuman
+    from experiment import actions
+
+    group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
+    people = [p.pk for p in gamekit.people(group)]
+    human = SyntheticHuman()
+    rng = random.Random(3)
+    compared, phases = 0, set()
+    while gamekit.fresh(group).status == group.Status.PLAYING:
+        acted = False
+        for pk in people:
+            for message in human.decide(seat_state(pk), rng):
+                actions.dispatch(pk, message)
+                acted = True
+                phases.add(gamekit.at(group)[1])
+                for other in people:  # the kept phase part was read before this action, in the same phase
+                    assert _same(seat_state(other), _fresh_state(other)), (gamekit.at(group), other)
+                    compared += 1
+        if gamekit.run_seat_jobs() == 0 and not acted:
+            gamekit.deadline_pass(group)
+    assert compared > 30 and {"pitch", "choice", "return", "feedback", "belief"} <= phases
+
+
+def test_within_a_phase_an_action_rereads_only_the_progress() -> None:
+    group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
+    gamekit.pitch_all(group)  # choice phase: the round's messages are part of every view
+    selectors_ = gamekit.people(group, P.Role.SELECTOR)
+    seat_state(selectors_[1].pk)
+    with CaptureQueriesContext(connection) as kept_phase:
+        seat_state(selectors_[1].pk)
+    services.choice_submit(participant_id=selectors_[0].pk, round_number=1,
+                           candidate=seat_state(selectors_[0].pk)["game"]["candidates"][0]["seat"], amount=5)
+    with CaptureQueriesContext(connection) as after_action:
+        state = seat_state(selectors_[1].pk)
+    assert state["game"]["progress"]["done"] == 1
+    assert len(kept_phase) < len(after_action) <= len(kept_phase) + 2  # the progress count(s), nothing more
+    assert _same(state, _fresh_state(selectors_[1].pk))
