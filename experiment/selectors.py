@@ -8,13 +8,14 @@ condition prescribes.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from experiment import game, services
@@ -123,8 +124,7 @@ class _Kept(Generic[T]):
         """The value for the group as it is now; ``args`` go to the read function."""
         if connection.in_atomic_block:
             return self._read(group, *args)
-        # created_at: a database that was reset while a web process ran may give a new group an old id.
-        key = (group.pk, group.created_at, *self._key(group))
+        key = self._full_key(group)
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
@@ -145,13 +145,27 @@ class _Kept(Generic[T]):
                 self._reading.pop(key, None)
             reading.set_exception(exc)
             raise
+        self._keep(key, value)
         with self._lock:
-            self._kept[key] = value
-            while len(self._kept) > self.SIZE:
-                self._kept.popitem(last=False)
             self._reading.pop(key, None)
         reading.set_result(value)
         return value
+
+    def keep_on_commit(self, group: Group, value: T) -> None:
+        """Keep ``value`` for the group as it is now, once the current transaction commits: a writer that holds
+        the group's lock may know a part already, and save the next reader a read."""
+        transaction.on_commit(functools.partial(self._keep, self._full_key(group), value))
+
+    def _full_key(self, group: Group) -> tuple[Any, ...]:
+        # created_at: a database that was reset while a web process ran may give a new group an old id.
+        return (group.pk, group.created_at, *self._key(group))
+
+    def _keep(self, key: tuple[Any, ...], value: T) -> None:
+        with self._lock:
+            self._kept[key] = value
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.SIZE:
+                self._kept.popitem(last=False)
 
     def clear(self) -> None:
         with self._lock:

@@ -253,12 +253,13 @@ def _seats(group: Group, role: str) -> list[Participant]:
 def _pending(group: Group, params: game.Params) -> list[Participant]:
     """Seats that still owe an action in the current phase (for the return phase: one per owed return)."""
     r, phase = group.round_number, group.phase
+    # One query each: the seats of the role, less those whose row for this round exists.
     if phase == Phase.PITCH:
-        done = Message.objects.filter(group=group, round_number=r).values_list("candidate_id", flat=True)
-        return [p for p in _seats(group, P.Role.CANDIDATE) if p.pk not in set(done)]
+        done = Message.objects.filter(group=group, round_number=r).values("candidate_id")
+        return list(group.participants.filter(role=P.Role.CANDIDATE).exclude(pk__in=done).order_by("seat"))
     if phase == Phase.CHOICE:
-        done = Choice.objects.filter(group=group, round_number=r).values_list("selector_id", flat=True)
-        return [p for p in _seats(group, P.Role.SELECTOR) if p.pk not in set(done)]
+        done = Choice.objects.filter(group=group, round_number=r).values("selector_id")
+        return list(group.participants.filter(role=P.Role.SELECTOR).exclude(pk__in=done).order_by("seat"))
     if phase == Phase.RETURN:
         owed = (Choice.objects.filter(group=group, round_number=r, candidate__isnull=False, return_decision__isnull=True)
                 .select_related("candidate"))
@@ -466,13 +467,13 @@ def lobby_sweep(*, session_id: int, now: datetime) -> None:
 def _acting(participant_id: int, *, role: str, phase: Phase, round_number: object,
             automated: bool = False) -> tuple[Group, Participant, game.Params]:
     """Lock the participant's group and check that they may act now. ``automated``: a bot/synthetic call."""
-    try:
-        group_id = Participant.objects.values_list("group_id", flat=True).get(pk=participant_id)
-    except Participant.DoesNotExist:
-        raise RuleError("unknown_participant", "No such participant.") from None
-    if group_id is None:
+    # One query finds and locks the group (a seat never changes group); the reason is asked only on refusal.
+    group = (Group.objects.select_for_update(of=("self",)).select_related("session__experiment", "condition")
+             .filter(participants=participant_id).order_by().first())
+    if group is None:
+        if not Participant.objects.filter(pk=participant_id).exists():
+            raise RuleError("unknown_participant", "No such participant.")
         raise RuleError("not_in_group", "You are not in a game yet.")
-    group = _lock_group(group_id)
     p = Participant.objects.get(pk=participant_id)
     if group.status != Group.Status.PLAYING:
         raise RuleError("game_over", "The game has ended.")
@@ -505,11 +506,16 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
     now = timezone.now()
     _advance(group, params, now)
     if (group.round_number, group.phase) == (round_number, phase):
+        from experiment.selectors import progress_parts
+
+        done = progress(group, params)
+        # Under the group's lock this is the progress of the version being committed: the actor's view,
+        # asked for next, need not count again.
+        progress_parts.keep_on_commit(group, done)
         # When the action closed the phase, the group's refresh already brings this seat its new state.
         events.refresh_on_commit(events.seat_channel(p.pk))
         events.forward_on_commit(events.group_channel(group.pk), {
-            "type": "progress", "version": group.version, "round": round_number, "phase": phase,
-            **progress(group, params)})
+            "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
 
 
 def _seconds_since_phase_start(group: Group) -> float | None:

@@ -151,17 +151,35 @@ def test_kept_views_equal_fresh_views_after_every_action_of_a_whole_game() -> No
     assert compared > 30 and {"pitch", "choice", "return", "feedback", "belief"} <= phases
 
 
-def test_within_a_phase_an_action_rereads_only_the_progress() -> None:
+def test_within_a_phase_an_action_rereads_nothing_shared() -> None:
+    """The phase part stays; the progress of the new version is handed over by the action that made it."""
     group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
     gamekit.pitch_all(group)  # choice phase: the round's messages are part of every view
     selectors_ = gamekit.people(group, P.Role.SELECTOR)
     seat_state(selectors_[1].pk)
-    with CaptureQueriesContext(connection) as kept_phase:
+    with CaptureQueriesContext(connection) as kept:
         seat_state(selectors_[1].pk)
     services.choice_submit(participant_id=selectors_[0].pk, round_number=1,
                            candidate=seat_state(selectors_[0].pk)["game"]["candidates"][0]["seat"], amount=5)
     with CaptureQueriesContext(connection) as after_action:
         state = seat_state(selectors_[1].pk)
     assert state["game"]["progress"]["done"] == 1
-    assert len(kept_phase) < len(after_action) <= len(kept_phase) + 2  # the progress count(s), nothing more
+    assert len(after_action) == len(kept)
     assert _same(state, _fresh_state(selectors_[1].pk))
+
+
+def test_a_progress_handed_over_inside_a_rolled_back_transaction_is_not_kept() -> None:
+    group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
+    candidates = gamekit.people(group, P.Role.CANDIDATE)
+
+    class Undo(Exception):
+        pass
+
+    with pytest.raises(Undo), transaction.atomic():
+        services.pitch_submit(participant_id=candidates[0].pk, round_number=1, text="never happened")
+        raise Undo
+    state = seat_state(candidates[1].pk)
+    assert state["game"]["progress"]["done"] == 0
+    services.pitch_submit(participant_id=candidates[1].pk, round_number=1, text="a real pitch")
+    assert seat_state(candidates[0].pk)["game"]["progress"]["done"] == 1
+    assert _same(seat_state(candidates[0].pk), _fresh_state(candidates[0].pk))
