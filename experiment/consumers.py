@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from django.conf import settings
 from experiment import actions, events, services
 from experiment.game import RuleError
 from experiment.models import Participant
+from experiment.perprocess import PerProcess
 from experiment.selectors import seat_state
 
 
@@ -27,6 +29,17 @@ def _off_thread(fn: Any) -> Any:
     with 200 participants while the servers used 0.5 of 2 cores).
     """
     return database_sync_to_async(fn, thread_sensitive=False)
+
+
+# A seat's view is short work (2-3 ms of CPU) that every person of a group waits for at a phase change; an
+# action is longer. Views run on threads of their own, so that they never queue behind a burst of actions
+# (the rest of the database work runs on the loop's default executor, PARTNERLAB_WEB_DB_THREADS).
+_view_threads = PerProcess(lambda: concurrent.futures.ThreadPoolExecutor(
+    settings.PARTNERLAB_WEB_VIEW_THREADS, thread_name_prefix="web-views"))
+
+
+def _seat_state(participant_id: int) -> Any:
+    return database_sync_to_async(seat_state, thread_sensitive=False, executor=_view_threads.get())(participant_id)
 
 
 @_off_thread
@@ -104,7 +117,7 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
     # -- helpers --------------------------------------------------------------------------------
 
     async def _send_state(self) -> None:
-        state = await _off_thread(seat_state)(self.participant_id)
+        state = await _seat_state(self.participant_id)
         await self._subscribe(state)
         await self.send(text_data=json.dumps(state))
 

@@ -111,6 +111,9 @@ PARTNERLAB_MAX_FRAME_CHARS = env_int("PARTNERLAB_MAX_FRAME_CHARS", 8192)
 # compute (bench/load.py, 1,000 participants: phase-change p99 519 → 383 ms; docs/benchmarks.md).
 PARTNERLAB_WEB_DB_THREADS = env_int("PARTNERLAB_WEB_DB_THREADS", 3)
 PARTNERLAB_WEB_SWITCH_INTERVAL = float(env_str("PARTNERLAB_WEB_SWITCH_INTERVAL", "0.001"))
+# Threads per web process that build seat views, apart from the threads above, so that the views a phase
+# change sends never wait behind a burst of actions.
+PARTNERLAB_WEB_VIEW_THREADS = env_int("PARTNERLAB_WEB_VIEW_THREADS", 2)
 
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
