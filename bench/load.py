@@ -223,7 +223,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ramp-seconds", type=float, default=120.0, help="Arrivals are spread over this long.")
     parser.add_argument("--duration-limit", type=float, default=1500.0,
                         help="Upper bound of the whole benchmark in seconds (setup, run and cleanup).")
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes.")
+    parser.add_argument("--workers", type=int, default=3,
+                        help="uvicorn worker processes (on 2 cores 3 measured better than 2: docs/benchmarks.md).")
     parser.add_argument("--celery-concurrency", type=int, default=2)
     parser.add_argument("--port", type=int, default=8601)
     parser.add_argument("--database", default="partnerlab_load", help="PostgreSQL database created and dropped.")
