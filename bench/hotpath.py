@@ -6,6 +6,8 @@ paths can be judged before a load run: it plays whole games of the default desig
 the same calls the websocket consumer makes (``actions.dispatch`` for an action, ``seat_state`` for a
 view), with the synthetic humans of ``bots.synthetic`` deciding from their views, and after every action
 asks for the views a real server would send (the actor's own; every person's at a phase change).
+Counting queries records each one (Django's query log), which adds a little CPU to every call: compare
+figures of this tool with each other, not with a server's.
 
 Usage: .venv/bin/python bench/hotpath.py [--groups 20] [--profile out.txt]
 Drops and recreates partnerlab_hotpath_bench on 127.0.0.1's PostgreSQL; the channel layer is Redis db 12.

@@ -191,7 +191,8 @@ def _read_phase_part(group: Group) -> PhasePart:
                      tally=tally)
 
 
-phase_parts: _Kept[PhasePart] = _Kept(lambda g, *_: _read_phase_part(g), key=lambda g: (g.round_number, g.phase))
+# The lambdas look the read functions up when called (tests replace them).
+phase_parts: _Kept[PhasePart] = _Kept(lambda g: _read_phase_part(g), key=lambda g: (g.round_number, g.phase))
 progress_parts: _Kept[dict[str, int]] = _Kept(lambda g, params: services.progress(g, params), key=lambda g: (g.version,))
 
 

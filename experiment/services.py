@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Max
+from django.db.models import Count, Max, QuerySet
 from django.utils import timezone
 
 from experiment import events, game
@@ -60,9 +60,13 @@ def _lock_session(session_id: int) -> Session:
     return Session.objects.select_for_update().select_related("experiment").get(pk=session_id)
 
 
+def _groups_locked() -> QuerySet[Group]:
+    """Groups read under their row lock, with what the game rules need of them."""
+    return Group.objects.select_for_update(of=("self",)).select_related("session__experiment", "condition")
+
+
 def _lock_group(group_id: int) -> Group:
-    return (Group.objects.select_for_update(of=("self",))
-            .select_related("session__experiment", "condition").get(pk=group_id))
+    return _groups_locked().get(pk=group_id)
 
 
 def _lock_participant(participant_id: int, *, with_session: bool = True) -> Participant:
@@ -468,8 +472,7 @@ def _acting(participant_id: int, *, role: str, phase: Phase, round_number: objec
             automated: bool = False) -> tuple[Group, Participant, game.Params]:
     """Lock the participant's group and check that they may act now. ``automated``: a bot/synthetic call."""
     # One query finds and locks the group (a seat never changes group); the reason is asked only on refusal.
-    group = (Group.objects.select_for_update(of=("self",)).select_related("session__experiment", "condition")
-             .filter(participants=participant_id).order_by().first())
+    group = _groups_locked().filter(participants=participant_id).order_by().first()
     if group is None:
         if not Participant.objects.filter(pk=participant_id).exists():
             raise RuleError("unknown_participant", "No such participant.")
