@@ -5,7 +5,9 @@ machine. This answers "what does one action cost" in seconds and repeatably, so 
 paths can be judged before a load run: it plays whole games of the default design in one process through
 the same calls the websocket consumer makes (``actions.dispatch`` for an action, ``seat_state`` for a
 view), with the synthetic humans of ``bots.synthetic`` deciding from their views, and after every action
-asks for the views a real server would send (the actor's own; every person's at a phase change).
+asks for the views a real server would send: the actor's own, read by the actor's connection; at a phase
+change, every person's, which the call that changed the phase builds and sends (``seat.states``), so
+that their cost is in that call's ("action, new phase" when an action closed the phase).
 Counting queries records each one (Django's query log), which adds a little CPU to every call: compare
 figures of this tool with each other, not with a server's.
 
@@ -60,11 +62,10 @@ def main() -> None:
 
 
 class Meter:
-    """CPU seconds and queries per kind of call."""
+    """CPU seconds and queries of every call, by kind of call."""
 
     def __init__(self) -> None:
-        self.cpu: dict[str, list[float]] = defaultdict(list)
-        self.queries: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, list[tuple[float, int]]] = defaultdict(list)
 
     def call(self, kind: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         from django.db import connection
@@ -73,17 +74,24 @@ class Meter:
         with CaptureQueriesContext(connection) as captured:
             start = time.thread_time()
             result = fn(*args, **kwargs)
-            self.cpu[kind].append(time.thread_time() - start)
-        self.queries[kind] += len(captured)
+            cpu = time.thread_time() - start
+        self.calls[kind].append((cpu, len(captured)))
         return result
+
+    def rename_last(self, kind: str, new: str) -> None:
+        """Count the last call of ``kind`` as one of ``new`` (known only once the call has returned)."""
+        self.calls[new].append(self.calls[kind].pop())
 
     def lines(self) -> list[str]:
         out = []
-        for kind, times in sorted(self.cpu.items()):
-            times = sorted(times)
+        for kind, calls in sorted(self.calls.items()):
+            if not calls:
+                continue
+            times = sorted(cpu for cpu, _ in calls)
             n = len(times)
-            out.append(f"{kind:<16} n={n:<6} CPU mean {sum(times) / n * 1000:6.2f} ms   p50 {times[n // 2] * 1000:6.2f} ms   "
-                       f"p95 {times[int(n * 0.95)] * 1000:6.2f} ms   queries/call {self.queries[kind] / n:5.1f}")
+            queries = sum(q for _, q in calls)
+            out.append(f"{kind:<20} n={n:<6} CPU mean {sum(times) / n * 1000:6.2f} ms   p50 {times[n // 2] * 1000:6.2f} ms   "
+                       f"p95 {times[int(n * 0.95)] * 1000:6.2f} ms   queries/call {queries / n:5.1f}")
         return out
 
 
@@ -95,7 +103,7 @@ def _run(n_groups: int, profile: str | None) -> None:
 
     from bots import automation
     from bots.synthetic import SyntheticHuman
-    from experiment import actions, services
+    from experiment import actions, events, services
     from experiment.models import Condition, Experiment, Group, Participant, Session
     from experiment.scheduling import runner
     from experiment.selectors import seat_state
@@ -112,17 +120,33 @@ def _run(n_groups: int, profile: str | None) -> None:
 
     states: dict[int, dict[str, Any]] = {pid: meter.call("view on connect", seat_state, pid) for pid in people}
     known: dict[int, tuple[Any, ...]] = {}  # group → (status, round, phase) its people last saw
+    sent: list[dict[str, Any]] = []  # the views built by the last call, as the server sends them
+    send = events._send_now
+
+    def sending(channel_group: str, message: dict[str, Any]) -> None:
+        if message["type"] == "seat.states":
+            sent.append(message)
+        send(channel_group, message)
+
+    events._send_now = sending
 
     def phase_views(group_ids: Any) -> set[int]:
-        """The views a server sends when a group's phase changed: every person's. Returns who got one."""
+        """The views a server sends when a group's phase changed: every person's, as the call that changed it
+        sent them, or read one by one where that call did not (the group's first phase). Returns who got one."""
         seen = set()
+        for message in sent:
+            for pid, state in message["states"].items():
+                states[int(pid)] = state
+                seen.add(int(pid))
+        sent.clear()
         for g in Group.objects.filter(pk__in=list(group_ids)):
             key = (g.status, g.round_number, g.phase)
             if known.get(g.pk) != key:
                 known[g.pk] = key
                 for pid in g.participants.filter(controller=P.Controller.PERSON).values_list("pk", flat=True):
-                    states[pid] = meter.call("phase view", seat_state, pid)
-                    seen.add(pid)
+                    if pid not in seen:
+                        states[pid] = meter.call("phase view", seat_state, pid)
+                        seen.add(pid)
         return seen
 
     def act(pid: int) -> bool:
@@ -130,6 +154,8 @@ def _run(n_groups: int, profile: str | None) -> None:
         messages = human.decide(states[pid], rng)
         for message in messages:
             meter.call("action", actions.dispatch, pid, message)
+            if sent:
+                meter.rename_last("action", "action, new phase")
             group_id = Participant.objects.values_list("group_id", flat=True).get(pk=pid)
             if pid not in phase_views([group_id] if group_id else []):
                 states[pid] = meter.call("view after action", seat_state, pid)

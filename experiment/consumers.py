@@ -114,6 +114,14 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
     async def seat_forward(self, message: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(message["event"]))
 
+    async def seat_states(self, message: dict[str, Any]) -> None:
+        state = message["states"].get(str(self.participant_id))
+        if state is None:  # not a seat of the group that sent them (cannot happen): read our own
+            await self._send_state()
+            return
+        await self._subscribe(state)
+        await self.send(text_data=json.dumps(state))
+
     # -- helpers --------------------------------------------------------------------------------
 
     async def _send_state(self) -> None:

@@ -165,11 +165,12 @@ SERVER_EVENTS: dict[str, type] = {"state": StateEvent, "progress": ProgressEvent
 def apply_event(state: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     """The client's reducer: the state after an event. Mirrored in static/experiment/play.js.
 
-    A ``state`` replaces everything; a ``progress`` for the current round and phase updates the
-    counter; events older than the state are ignored.
+    A ``state`` replaces everything, unless it is older than the state (a lower ``version``); a
+    ``progress`` for the current round and phase updates the counter; events older than the state are
+    ignored.
     """
     if event["type"] == "state":
-        return event
+        return event if event["version"] >= state["version"] else state
     if event["type"] == "progress":
         game = state.get("game")
         if not game or event["version"] < state["version"]:
@@ -183,7 +184,8 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
 
 # ---- channel-layer fan-out ------------------------------------------------------------------------
 # Channel-layer messages name a consumer handler in ``type``: "seat.refresh" asks every connection of
-# the receiving channel group to send a fresh ``state``; "seat.forward" forwards ``event`` as is.
+# the receiving channel group to send a fresh ``state``; "seat.forward" forwards ``event`` as is;
+# "seat.states" carries ready views, ``states`` by participant id: each connection sends its seat's.
 
 def group_channel(group_id: int) -> str:
     return f"group-{group_id}"
@@ -333,6 +335,31 @@ _broadcaster = PerProcess(_Broadcaster)
 
 def refresh_on_commit(channel_group: str) -> None:
     send_on_commit(channel_group, {"type": "seat.refresh"})
+
+
+def refresh_queued(channel_group: str) -> bool:
+    """Whether the current transaction will ask ``channel_group`` to look again when it commits."""
+    return _queued_refresh(channel_group) is not None
+
+
+def refresh_instead(channel_group: str, message: dict[str, Any]) -> None:
+    """Send ``message`` instead of the refresh this transaction queued for ``channel_group``, at the refresh's
+    place among the transaction's commit callbacks (the group hears of a new phase before the broker does)."""
+    index = _queued_refresh(channel_group)
+    if index is None:
+        raise ValueError(f"no refresh of {channel_group} queued")
+    connection = transaction.get_connection()
+    savepoints, _, robust = connection.run_on_commit[index]
+    connection.run_on_commit[index] = (savepoints, functools.partial(_send_now, channel_group, message), robust)
+
+
+def _queued_refresh(channel_group: str) -> int | None:
+    connection = transaction.get_connection()
+    if not connection.in_atomic_block:
+        return None
+    key = _refresh_key(channel_group, {"type": "seat.refresh"})
+    return next((i for i, entry in enumerate(connection.run_on_commit)
+                 if getattr(entry[1], "partnerlab_key", None) == key), None)
 
 
 def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:

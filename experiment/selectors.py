@@ -27,7 +27,6 @@ from experiment.models import (
     Group,
     Message,
     Participant,
-    Return,
     RoundPayoff,
     Session,
 )
@@ -42,18 +41,50 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
     over a dropped person's seat, the person's page shows the dropout while the bot plays on."""
     p = Participant.objects.select_related("group").get(pk=participant_id)
     group = p.group
-    stage = p.status
-    if (for_controller and p.is_automated and stage == P.Status.DROPPED and group is not None
-            and group.status == Group.Status.PLAYING):
-        stage = P.Status.PLAYING
+    stage = _stage(p, group, for_controller=for_controller)
     if stage == P.Status.PLAYING and group is not None:
         shared = phase_parts.get(group)
-        experiment = shared.experiment
-    else:
-        shared = None
-        p.session = Session.objects.select_related("experiment").get(pk=p.session_id)
-        experiment = p.session.experiment
-    params = experiment.params()
+        params = shared.experiment.params()
+        return _state(p, group, stage, shared.experiment,
+                      _GroupView(group, params, shared, _read_rows(group, p), dict(progress_parts.get(group, params))))
+    p.session = Session.objects.select_related("experiment").get(pk=p.session_id)
+    return _state(p, group, stage, p.session.experiment, None)
+
+
+def group_states(group: Group) -> dict[str, dict[str, Any]]:
+    """Every person's view of a group, by participant id (as a string), each equal to what :func:`seat_state`
+    gives them, read once for all of them.
+
+    For the holder of the group's lock, inside its transaction: what it reads is then exactly the group as its
+    transaction leaves it, and the views can be sent instead of asking every seat to read its own.
+    """
+    assert connection.in_atomic_block, "group_states reads a group under its lock"
+    shared = phase_parts.get(group)
+    params = shared.experiment.params()
+    view = _GroupView(group, params, shared, _read_rows(group, None), dict(progress_parts.get(group, params)))
+    # Read as the transaction leaves the group: once it commits, the views that follow need not read them again.
+    phase_parts.keep_on_commit(group, shared)
+    progress_parts.keep_on_commit(group, view.progress)
+    states = {}
+    for p in shared.seats:
+        if p.kind != P.Kind.HUMAN:
+            continue
+        p.session = group.session  # the end page's bonus
+        states[str(p.pk)] = _state(p, group, p.status, shared.experiment, view if p.status == P.Status.PLAYING else None)
+    return states
+
+
+def _stage(p: Participant, group: Group | None, *, for_controller: bool = False) -> str:
+    if (for_controller and p.is_automated and p.status == P.Status.DROPPED and group is not None
+            and group.status == Group.Status.PLAYING):
+        return P.Status.PLAYING
+    return p.status
+
+
+def _state(p: Participant, group: Group | None, stage: str, experiment: Experiment,
+           view: _GroupView | None) -> dict[str, Any]:
+    """One seat's view; ``view``: what its group's game shows, for a seat in play."""
+    params = view.params if view else experiment.params()
     state: dict[str, Any] = {
         "type": "state",
         "version": group.version if group else 0,
@@ -76,8 +107,8 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
                                        for i, q in enumerate(experiment.quiz)]}
     elif stage == P.Status.LOBBY:
         state["lobby"] = _lobby(p)
-    elif shared is not None:
-        state["game"] = _game(p, group, params, shared)
+    elif view is not None:
+        state["game"] = _game(p, view)
     elif stage == P.Status.QUESTIONNAIRE:
         state["questionnaire"] = {"questions": QUESTIONS}
     else:
@@ -103,6 +134,53 @@ class PhasePart:
     seats: list[Participant]
     messages: dict[int, Message] | None  # None during the pitch phase: nobody sees another's message yet
     tally: dict[str, int] | None
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The decisions a game view shows to their owners: the whole group's, or one seat's."""
+    choices: list[Choice]  # with ``return_decision``; a selector's of every round, a candidate's of this round
+    beliefs: list[Belief]  # this round's (belief phase only)
+    messages: dict[int, Message]  # this round's, by candidate id (pitch phase only)
+    payoffs: dict[int, int]  # this round's points, by participant id (feedback and belief phases only)
+
+
+@dataclass(frozen=True)
+class _GroupView:
+    group: Group
+    params: game.Params
+    shared: PhasePart
+    rows: _Rows
+    progress: dict[str, int]
+
+
+def _read_rows(group: Group, p: Participant | None) -> _Rows:
+    """The rows behind the game views of ``p`` (or, with None, of every seat of the group): the same queries,
+    filtered to one seat or not."""
+    r, phase = group.round_number, Phase(group.phase)
+    selector = p is None or p.role == P.Role.SELECTOR
+    candidate = p is None or p.role == P.Role.CANDIDATE
+    choices = Choice.objects.none()
+    if selector:  # every round: a selector's history with each candidate
+        choices = Choice.objects.filter(group=group)
+    elif phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):  # who chose the candidate this round
+        choices = Choice.objects.filter(group=group, round_number=r, candidate=p)
+    if p is not None and selector:
+        choices = choices.filter(selector=p)
+    beliefs = Belief.objects.none()
+    if selector and phase == Phase.BELIEF:
+        beliefs = Belief.objects.filter(group=group, round_number=r, **({"selector": p} if p else {}))
+    messages = Message.objects.none()
+    if candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
+        messages = Message.objects.filter(group=group, round_number=r, **({"candidate": p} if p else {}))
+    payoffs = RoundPayoff.objects.none()
+    if phase in (Phase.FEEDBACK, Phase.BELIEF):
+        payoffs = RoundPayoff.objects.filter(round_number=r, **({"participant": p} if p else {"participant__group": group}))
+    # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
+    # (A ``.none()`` queryset gives no rows without asking the database.)
+    return _Rows(choices=list(choices.select_related("return_decision").order_by()), beliefs=list(beliefs.order_by()),
+                 messages={m.candidate_id: m for m in messages.order_by()},
+                 payoffs=dict(payoffs.order_by().values_list("participant_id", "points")))
 
 
 class _Kept(Generic[T]):
@@ -236,7 +314,8 @@ def _redirect_for(url: str, completion_code: str, code: str) -> str:
     return url.replace(completion_code, code) if completion_code and completion_code in url else ""
 
 
-def _game(p: Participant, group: Group, params: game.Params, shared: PhasePart) -> dict[str, Any]:
+def _game(p: Participant, view: _GroupView) -> dict[str, Any]:
+    group, params, shared, rows = view.group, view.params, view.shared, view.rows
     r, phase = group.round_number, Phase(group.phase)
     by_id = {s.pk: s for s in shared.seats}
     candidates = sorted((s for s in shared.seats if s.role == P.Role.CANDIDATE), key=lambda s: s.seat)
@@ -245,7 +324,7 @@ def _game(p: Participant, group: Group, params: game.Params, shared: PhasePart) 
         "round": r, "rounds": params.n_rounds, "phase": str(phase),
         "deadline": group.phase_deadline.isoformat() if group.phase_deadline else None,
         "phase_started": group.phase_started_at.isoformat() if group.phase_started_at else None,
-        "progress": dict(progress_parts.get(group, params)),
+        "progress": dict(view.progress),
         "paused": group.paused_at is not None,
         "payoff_total": p.payoff,
         "todo": False,
@@ -259,50 +338,52 @@ def _game(p: Participant, group: Group, params: game.Params, shared: PhasePart) 
                 "label": game.identity_label(policy, r, c.kind == P.Kind.BOT),
                 "message": (m.text if m else "") if show_messages else None}
 
+    def returned(c: Choice) -> int | None:
+        return c.return_decision.returned if hasattr(c, "return_decision") else None
+
+    def seat_of(participant_id: int | None) -> str | None:
+        return by_id[participant_id].seat if participant_id else None
+
     if p.role == P.Role.SELECTOR:
-        mine = {c.round_number: c for c in Choice.objects.filter(selector=p).select_related("candidate", "return_decision").order_by()}
+        mine = {c.round_number: c for c in rows.choices if c.selector_id == p.pk}
         history: dict[str, dict[str, Any]] = defaultdict(lambda: {"rounds": [], "sent": 0, "returned": 0})
         for rn, c in sorted(mine.items()):
             if c.candidate_id and (rn < r or phase in (Phase.FEEDBACK, Phase.BELIEF)):
-                h = history[c.candidate.seat]
+                h = history[seat_of(c.candidate_id)]
                 h["rounds"].append(rn)
                 h["sent"] += c.sent
-                h["returned"] += c.return_decision.returned if hasattr(c, "return_decision") else 0
+                h["returned"] += returned(c) or 0
         order = game.candidate_order(group.seed, p.seat, r, [c.seat for c in candidates])
         by_seat = {c.seat: c for c in candidates}
         g["candidates"] = [{**card(by_seat[s]), "position": i + 1,
                             "history": history.get(s, {"rounds": [], "sent": 0, "returned": 0})}
                            for i, s in enumerate(order)]
         choice = mine.get(r)
-        g["my_choice"] = ({"candidate": choice.candidate.seat if choice.candidate else None, "sent": choice.sent,
+        g["my_choice"] = ({"candidate": seat_of(choice.candidate_id), "sent": choice.sent,
                            "timed_out": choice.timed_out} if choice else None)
         if phase == Phase.CHOICE:
             g["todo"] = choice is None
         if phase in (Phase.FEEDBACK, Phase.BELIEF) and choice is not None:
-            returned = choice.return_decision.returned if choice.candidate_id else 0
-            g["feedback"] = {"candidate": choice.candidate.seat if choice.candidate else None, "sent": choice.sent,
-                             "multiplied": choice.multiplied, "returned": returned,
-                             "payoff": game.selector_payoff(choice.sent, returned, params)}
+            back = returned(choice) if choice.candidate_id else 0
+            g["feedback"] = {"candidate": seat_of(choice.candidate_id), "sent": choice.sent,
+                             "multiplied": choice.multiplied, "returned": back,
+                             "payoff": game.selector_payoff(choice.sent, back, params)}
         if phase == Phase.BELIEF:
-            given = {b.candidate_id: b for b in Belief.objects.filter(selector=p, round_number=r)}
+            given = {b.candidate_id: b for b in rows.beliefs if b.selector_id == p.pk}
             g["beliefs"] = {by_id[cid].seat: {"guess": b.guess, "confidence": b.confidence} for cid, b in given.items()}
             g["todo"] = len(given) < len(candidates)
     else:
         g["candidates"] = [card(c) for c in candidates]
-        if show_messages:
-            mine_msg = messages.get(p.pk)
-        else:  # the pitch phase: only their own message, which they may have just sent
-            mine_msg = Message.objects.filter(candidate=p, round_number=r).order_by().first()
+        # During the pitch phase only their own message, which they may have just sent.
+        mine_msg = messages.get(p.pk) if show_messages else rows.messages.get(p.pk)
         g["my_message"] = {"text": mine_msg.text, "timed_out": mine_msg.timed_out} if mine_msg else None
         if phase == Phase.PITCH:
             g["todo"] = mine_msg is None
         if phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):
-            chosen_by = (Choice.objects.filter(group=group, round_number=r, candidate=p)
-                         .select_related("selector").order_by("selector__seat"))
-            returns = {x.choice_id: x for x in Return.objects.filter(choice__in=chosen_by)}
-            g["to_return"] = [{"selector": c.selector.seat, "name": c.selector.public_name, "sent": c.sent,
-                               "multiplied": c.multiplied,
-                               "returned": returns[c.pk].returned if c.pk in returns else None}
+            chosen_by = sorted((c for c in rows.choices if c.round_number == r and c.candidate_id == p.pk),
+                               key=lambda c: by_id[c.selector_id].seat)
+            g["to_return"] = [{"selector": by_id[c.selector_id].seat, "name": by_id[c.selector_id].public_name,
+                               "sent": c.sent, "multiplied": c.multiplied, "returned": returned(c)}
                               for c in chosen_by]
             if phase == Phase.RETURN:
                 g["todo"] = any(t["returned"] is None for t in g["to_return"])
@@ -310,8 +391,7 @@ def _game(p: Participant, group: Group, params: game.Params, shared: PhasePart) 
                 g["feedback"] = {"earned": sum(t["multiplied"] - (t["returned"] or 0) for t in g["to_return"])
                                  if g["to_return"] else params.unchosen_base}
     if phase in (Phase.FEEDBACK, Phase.BELIEF):
-        points = RoundPayoff.objects.filter(participant=p, round_number=r).values_list("points", flat=True).first()
-        g.setdefault("feedback", {})["round_payoff"] = points
+        g.setdefault("feedback", {})["round_payoff"] = rows.payoffs.get(p.pk)
         if shared.tally is not None:
             g["tally"] = dict(shared.tally)
     return g

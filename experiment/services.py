@@ -430,6 +430,7 @@ def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, ac
             _log(session_id=group.session_id, type="phase.closed_by_staff", group=group, actor_id=actor_id)
         _phase_finish(group, params, now)
         _advance(group, params, now)
+        _views_to_group(group)
         return True
 
 
@@ -508,6 +509,7 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
     round_number, phase = group.round_number, group.phase
     now = timezone.now()
     _advance(group, params, now)
+    _views_to_group(group)
     if (group.round_number, group.phase) == (round_number, phase):
         from experiment.selectors import progress_parts
 
@@ -519,6 +521,18 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
         events.refresh_on_commit(events.seat_channel(p.pk))
         events.forward_on_commit(events.group_channel(group.pk), {
             "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
+
+
+def _views_to_group(group: Group) -> None:
+    """When this transaction asks the whole group to look again (a new phase, the end of the game), send every
+    seat its view instead, read here once under the group's lock: at a phase change every person of the group
+    wants a new state at once, and otherwise each of them reads their own, in whichever web process holds
+    their connection (measured with bench/load.py and bench/hotpath.py: docs/benchmarks.md)."""
+    channel = events.group_channel(group.pk)
+    if events.refresh_queued(channel):
+        from experiment.selectors import group_states
+
+        events.refresh_instead(channel, {"type": "seat.states", "states": group_states(group)})
 
 
 def _seconds_since_phase_start(group: Group) -> float | None:

@@ -30,7 +30,7 @@
 
   /** Mirror of experiment/events.py apply_event: keep the two in step. */
   function applyEvent(current, event) {
-    if (event.type === "state") return event;
+    if (event.type === "state") return !current || event.version >= current.version ? event : current;
     if (event.type === "progress") {
       var game = current && current.game;
       if (!game || event.version < current.version) return current;

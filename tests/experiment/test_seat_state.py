@@ -183,3 +183,56 @@ def test_a_progress_handed_over_inside_a_rolled_back_transaction_is_not_kept() -
     services.pitch_submit(participant_id=candidates[1].pk, round_number=1, text="a real pitch")
     assert seat_state(candidates[0].pk)["game"]["progress"]["done"] == 1
     assert _same(seat_state(candidates[0].pk), _fresh_state(candidates[0].pk))
+
+
+def test_a_phase_change_sends_every_person_the_view_they_would_read_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a phase change (and at the end) the lock holder builds every person's view once and sends those
+    instead of asking the group to look again. Each must equal the person's own fresh read, in every phase,
+    after actions, bots' actions and deadlines alike, for people who play, who timed out and who dropped."""
+    import random
+
+    from bots.synthetic import SyntheticHuman
+    from experiment import actions, events
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(events, "_send_now", lambda channel, message: sent.append((channel, message)))
+    group = gamekit.group_start(**TWO_HUMAN_CANDIDATES, dropout_after=2)
+    sent.clear()  # forming the group refreshes each person's own seat; they join the group's channel then
+    people = [p.pk for p in gamekit.people(group)]
+    idle = people[-1]  # never acts: times out, then drops out
+    human = SyntheticHuman()
+    rng = random.Random(5)
+    checked, phases, stages = 0, set(), set()
+
+    def check() -> None:
+        nonlocal checked
+        for channel, message in sent:
+            assert message["type"] != "seat.refresh" or channel != events.group_channel(group.pk)
+            if message["type"] == "seat.states":
+                assert channel == events.group_channel(group.pk)
+                assert set(message["states"]) == {str(pk) for pk in people}
+                for pk, state in message["states"].items():
+                    assert _same(state, _fresh_state(int(pk))), (gamekit.at(group), pk)
+                    assert _same(state, _uncached_state(int(pk)))
+                    phases.add(state.get("game", {}).get("phase"))
+                    stages.add(state["stage"])
+                    checked += 1
+        sent.clear()
+
+    while gamekit.fresh(group).status == group.Status.PLAYING:
+        acted = False
+        for pk in people:
+            if pk == idle:
+                continue
+            for message in human.decide(seat_state(pk), rng):
+                actions.dispatch(pk, message)
+                acted = True
+                check()
+        ran = gamekit.run_seat_jobs()
+        check()
+        if ran == 0 and not acted:
+            gamekit.deadline_pass(group)
+            check()
+    assert {"pitch", "choice", "return", "feedback", "belief", None} <= phases
+    assert {"playing", "dropped", "questionnaire"} <= stages
+    assert checked > 20
