@@ -5,9 +5,9 @@ machine. This answers "what does one action cost" in seconds and repeatably, so 
 paths can be judged before a load run: it plays whole games of the default design in one process through
 the same calls the websocket consumer makes (``actions.dispatch`` for an action, ``seat_state`` for a
 view), with the synthetic humans of ``bots.synthetic`` deciding from their views, and after every action
-asks for the views a real server would send: the actor's own, read by the actor's connection; at a phase
-change, every person's, which the call that changed the phase builds and sends (``seat.states``), so
-that their cost is in that call's ("action, new phase" when an action closed the phase).
+takes the views a real server would send: the actor's own and, at a phase change, every person's, which
+the call that acted builds and sends (``seat.states``), so that their cost is in that call's ("action,
+new phase" when an action closed the phase); views that nobody sent are read as a connection would.
 Counting queries records each one (Django's query log), which adds a little CPU to every call: compare
 figures of this tool with each other, not with a server's.
 
@@ -120,12 +120,12 @@ def _run(n_groups: int, profile: str | None) -> None:
 
     states: dict[int, dict[str, Any]] = {pid: meter.call("view on connect", seat_state, pid) for pid in people}
     known: dict[int, tuple[Any, ...]] = {}  # group → (status, round, phase) its people last saw
-    sent: list[dict[str, Any]] = []  # the views built by the last call, as the server sends them
+    sent: list[tuple[str, dict[str, Any]]] = []  # the views built by the last call, as the server sends them
     send = events._send_now
 
     def sending(channel_group: str, message: dict[str, Any]) -> None:
         if message["type"] == "seat.states":
-            sent.append(message)
+            sent.append((channel_group, message))
         send(channel_group, message)
 
     events._send_now = sending
@@ -134,7 +134,7 @@ def _run(n_groups: int, profile: str | None) -> None:
         """The views a server sends when a group's phase changed: every person's, as the call that changed it
         sent them, or read one by one where that call did not (the group's first phase). Returns who got one."""
         seen = set()
-        for message in sent:
+        for _, message in sent:
             for pid, state in message["states"].items():
                 states[int(pid)] = state
                 seen.add(int(pid))
@@ -154,7 +154,7 @@ def _run(n_groups: int, profile: str | None) -> None:
         messages = human.decide(states[pid], rng)
         for message in messages:
             meter.call("action", actions.dispatch, pid, message)
-            if sent:
+            if any(channel.startswith("group-") for channel, _ in sent):
                 meter.rename_last("action", "action, new phase")
             group_id = Participant.objects.values_list("group_id", flat=True).get(pk=pid)
             if pid not in phase_views([group_id] if group_id else []):

@@ -74,6 +74,23 @@ def group_states(group: Group) -> dict[str, dict[str, Any]]:
     return states
 
 
+def own_state(p: Participant, group: Group, progress: dict[str, int]) -> dict[str, Any]:
+    """The view of a seat that has just acted, equal to what :func:`seat_state` gives it once the action has
+    committed: for the holder of the group's lock, inside its transaction, with the progress it computed.
+
+    Within a phase, what the phase fixes is kept (or read once and kept); the seat's own rows are read here.
+    """
+    assert connection.in_atomic_block, "own_state reads a group under its lock"
+    shared = phase_parts.kept(group)
+    if shared is None:
+        shared = _read_phase_part(group)
+        phase_parts.keep_on_commit(group, shared)
+    params = shared.experiment.params()
+    stage = _stage(p, group)
+    view = _GroupView(group, params, shared, _read_rows(group, p), dict(progress)) if stage == P.Status.PLAYING else None
+    return _state(p, group, stage, shared.experiment, view)
+
+
 def _stage(p: Participant, group: Group | None, *, for_controller: bool = False) -> str:
     if (for_controller and p.is_automated and p.status == P.Status.DROPPED and group is not None
             and group.status == Group.Status.PLAYING):
@@ -229,6 +246,12 @@ class _Kept(Generic[T]):
         reading.set_result(value)
         return value
 
+    def kept(self, group: Group) -> T | None:
+        """The value kept for the group as it is now, if any (never read). Also inside a transaction: a value kept
+        for a key was committed at that key, and is the caller's to use only while the key holds."""
+        with self._lock:
+            return self._kept.get(self._full_key(group))
+
     def keep_on_commit(self, group: Group, value: T) -> None:
         """Keep ``value`` for the group as it is now, once the current transaction commits: a writer that holds
         the group's lock may know a part already, and save the next reader a read."""
@@ -251,7 +274,9 @@ class _Kept(Generic[T]):
 
 
 def _read_phase_part(group: Group) -> PhasePart:
-    g = Group.objects.select_related("session__experiment", "condition").get(pk=group.pk)
+    g = group
+    if not (Group.session.is_cached(g) and Session.experiment.is_cached(g.session) and Group.condition.is_cached(g)):
+        g = Group.objects.select_related("session__experiment", "condition").get(pk=group.pk)
     experiment = g.session.experiment
     r, phase = group.round_number, Phase(group.phase)
     # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.

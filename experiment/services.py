@@ -6,14 +6,15 @@ Humans (through the consumer), automated seats and staff all come through these 
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Max, QuerySet
+from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from experiment import events, game
@@ -256,44 +257,44 @@ def _seats(group: Group, role: str) -> list[Participant]:
 
 def _pending(group: Group, params: game.Params) -> list[Participant]:
     """Seats that still owe an action in the current phase (for the return phase: one per owed return)."""
+    return _owed(group, params)[0]
+
+
+def _owed(group: Group, params: game.Params) -> tuple[list[Participant], dict[str, int]]:
+    """The seats that still owe an action in the current phase, and the phase's progress (as :func:`progress`
+    counts it), from one query."""
     r, phase = group.round_number, group.phase
-    # One query each: the seats of the role, less those whose row for this round exists.
-    if phase == Phase.PITCH:
-        done = Message.objects.filter(group=group, round_number=r).values("candidate_id")
-        return list(group.participants.filter(role=P.Role.CANDIDATE).exclude(pk__in=done).order_by("seat"))
-    if phase == Phase.CHOICE:
-        done = Choice.objects.filter(group=group, round_number=r).values("selector_id")
-        return list(group.participants.filter(role=P.Role.SELECTOR).exclude(pk__in=done).order_by("seat"))
+    if phase in (Phase.PITCH, Phase.CHOICE):  # the seats of the role, each with whether its row for the round exists
+        role, rows, of = ((P.Role.CANDIDATE, Message.objects.filter(candidate=OuterRef("pk")), params.n_candidates)
+                          if phase == Phase.PITCH else
+                          (P.Role.SELECTOR, Choice.objects.filter(selector=OuterRef("pk")), params.n_selectors))
+        seats = list(group.participants.filter(role=role).annotate(acted=Exists(rows.filter(round_number=r)))
+                     .order_by("seat"))
+        return [s for s in seats if not s.acted], {"done": sum(s.acted for s in seats), "of": of}
     if phase == Phase.RETURN:
-        owed = (Choice.objects.filter(group=group, round_number=r, candidate__isnull=False, return_decision__isnull=True)
-                .select_related("candidate"))
-        return [c.candidate for c in owed]
+        chosen = list(Choice.objects.filter(group=group, round_number=r, candidate__isnull=False)
+                      .select_related("candidate").annotate(returned=Exists(Return.objects.filter(choice=OuterRef("pk"))))
+                      .order_by("selector__seat"))
+        return ([c.candidate for c in chosen if not c.returned],
+                {"done": sum(c.returned for c in chosen), "of": len(chosen)})
     if phase == Phase.BELIEF:
-        n_candidates = group.participants.filter(role=P.Role.CANDIDATE).count()
-        counts = dict(Belief.objects.filter(group=group, round_number=r).values("selector_id")
-                      .annotate(n=Count("id")).values_list("selector_id", "n"))
-        return [p for p in _seats(group, P.Role.SELECTOR) if counts.get(p.pk, 0) < n_candidates]
-    return []
+        per = params.n_candidates
+        selectors = list(group.participants.filter(role=P.Role.SELECTOR)
+                         .annotate(given=Count("beliefs", filter=Q(beliefs__round_number=r))).order_by("seat"))
+        return [s for s in selectors if s.given < per], {"done": sum(s.given >= per for s in selectors),
+                                                         "of": params.n_selectors}
+    return [], {"done": 0, "of": 0}
 
 
 def progress(group: Group, params: game.Params) -> dict[str, int]:
-    r, phase = group.round_number, group.phase
-    if phase == Phase.PITCH:
-        return {"done": Message.objects.filter(group=group, round_number=r).count(), "of": params.n_candidates}
-    if phase == Phase.CHOICE:
-        return {"done": Choice.objects.filter(group=group, round_number=r).count(), "of": params.n_selectors}
-    if phase == Phase.RETURN:
-        owed = Choice.objects.filter(group=group, round_number=r, candidate__isnull=False)
-        return {"done": owed.filter(return_decision__isnull=False).count(), "of": owed.count()}
-    if phase == Phase.BELIEF:
-        per = params.n_candidates
-        full = (Belief.objects.filter(group=group, round_number=r).values("selector_id").annotate(n=Count("id"))
-                .filter(n__gte=per).count())
-        return {"done": full, "of": params.n_selectors}
-    return {"done": 0, "of": 0}
+    return _owed(group, params)[1]
 
 
-def _phase_open(group: Group, round_number: int, phase: Phase, params: game.Params, now: datetime) -> None:
+Owed = tuple[list[Participant], dict[str, int]]  # what _owed gives: who still owes an action, the progress
+
+
+def _phase_open(group: Group, round_number: int, phase: Phase, params: game.Params, now: datetime) -> Owed:
+    """Open a phase; returns what is owed in it."""
     from bots.automation import schedule_seats
 
     group.round_number, group.phase = round_number, phase
@@ -304,25 +305,38 @@ def _phase_open(group: Group, round_number: int, phase: Phase, params: game.Para
     _log(session_id=group.session_id, type="phase.started", group=group,
          payload={"deadline": group.phase_deadline.isoformat()})
     # A dropped seat whose policy is "defaults continue" acts at once: nobody waits for someone gone.
-    gone = [p for p in _pending(group, params) if p.status == P.Status.DROPPED and p.controller == P.Controller.PERSON]
+    owed = _owed(group, params)
+    gone = [p for p in owed[0] if p.status == P.Status.DROPPED and p.controller == P.Controller.PERSON]
     if gone:
         _apply_defaults(group, params, gone, count_timeouts=False)
+        owed = _owed(group, params)
     # On commit, callbacks run in the order they were registered: the group hears of its new phase first,
     # and only then are the deadline and the bots' jobs handed to the broker (a round trip each).
     events.refresh_on_commit(events.group_channel(group.pk))
     schedule("phase_close", at=group.phase_deadline, group_id=group.pk, round_number=round_number, phase=str(phase))
-    schedule_seats(group=group, params=params, pending=_pending(group, params), now=now)
+    schedule_seats(group=group, params=params, pending=owed[0], now=now)
+    return owed
 
 
-def _advance(group: Group, params: game.Params, now: datetime) -> None:
-    """Close phases whose every action is in (several in a row if needed). Call holding the group lock."""
-    while group.status == Group.Status.PLAYING and game.actors(Phase(group.phase)) and not _pending(group, params):
-        _phase_finish(group, params, now)
+def _advance(group: Group, params: game.Params, now: datetime, owed: Owed | None = None) -> dict[str, int] | None:
+    """Close phases whose every action is in (several in a row if needed). Call holding the group lock.
+
+    ``owed``: what is owed in the current phase, if the caller knows. Returns the progress of the phase in which
+    it stops (None when that phase asks nothing of anyone, or the game has ended)."""
+    while group.status == Group.Status.PLAYING and game.actors(Phase(group.phase)):
+        pending, done = owed or _owed(group, params)
+        if pending:
+            return done
+        owed = _phase_finish(group, params, now, missing=[])
+    return None
 
 
-def _phase_finish(group: Group, params: game.Params, now: datetime, *, count_timeouts: bool = True) -> None:
-    """Apply defaults for what is missing, settle the round if due, open the next phase or end the game."""
-    missing = _pending(group, params)
+def _phase_finish(group: Group, params: game.Params, now: datetime, *, count_timeouts: bool = True,
+                  missing: list[Participant] | None = None) -> Owed | None:
+    """Apply defaults for what is missing, settle the round if due, open the next phase or end the game.
+    ``missing``: the seats that still owe an action, if the caller knows. Returns what the next phase owes."""
+    if missing is None:
+        missing = _pending(group, params)
     if missing:
         _apply_defaults(group, params, missing, count_timeouts=count_timeouts)
     _log(session_id=group.session_id, type="phase.closed", group=group,
@@ -332,8 +346,8 @@ def _phase_finish(group: Group, params: game.Params, now: datetime, *, count_tim
     following = game.next_phase(group.round_number, Phase(group.phase), params)
     if following is None:
         _group_finish(group, now)
-    else:
-        _phase_open(group, following[0], following[1], params, now)
+        return None
+    return _phase_open(group, following[0], following[1], params, now)
 
 
 def _apply_defaults(group: Group, params: game.Params, seats: Iterable[Participant], *, count_timeouts: bool) -> None:
@@ -345,7 +359,8 @@ def _apply_defaults(group: Group, params: game.Params, seats: Iterable[Participa
         candidates = {p.seat: p for p in _seats(group, P.Role.CANDIDATE)}
         for p in seats:
             seat = game.default_choice(group.seed, p.seat, r, list(candidates), params)
-            _choice_create(group, params, p, candidates.get(seat) if seat else None, 0, timed_out=True)
+            _choice_create(group, params, p, candidates.get(seat) if seat else None, 0, timed_out=True,
+                           candidates=list(candidates))
     elif phase == Phase.RETURN:
         owed = Choice.objects.filter(group=group, round_number=r, candidate__in=seats, return_decision__isnull=True)
         Return.objects.bulk_create([Return(choice=c, candidate_id=c.candidate_id, available=c.multiplied, returned=0,
@@ -428,8 +443,7 @@ def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, ac
         params = group.session.experiment.params()
         if reason != "deadline":
             _log(session_id=group.session_id, type="phase.closed_by_staff", group=group, actor_id=actor_id)
-        _phase_finish(group, params, now)
-        _advance(group, params, now)
+        _advance(group, params, now, _phase_finish(group, params, now))
         _views_to_group(group)
         return True
 
@@ -508,17 +522,26 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
     _bump(group)
     round_number, phase = group.round_number, group.phase
     now = timezone.now()
-    _advance(group, params, now)
+    done = _advance(group, params, now)
     _views_to_group(group)
-    if (group.round_number, group.phase) == (round_number, phase):
+    # (At the end of the game the group keeps its last round and phase, and the group's views were sent.)
+    if group.status == Group.Status.PLAYING and (group.round_number, group.phase) == (round_number, phase):
         from experiment.selectors import progress_parts
 
-        done = progress(group, params)
+        done = done or progress(group, params)  # (the phase of an action always asks something of someone)
         # Under the group's lock this is the progress of the version being committed: the actor's view,
         # asked for next, need not count again.
         progress_parts.keep_on_commit(group, done)
-        # When the action closed the phase, the group's refresh already brings this seat its new state.
-        events.refresh_on_commit(events.seat_channel(p.pk))
+        # When the action closed the phase, the group's views already bring this seat its new state. Otherwise
+        # the actor's own view is built here (the seat's rows are at hand under the lock), rather than asking
+        # its connection to read it (a Redis round trip, a wait for a view thread, a read).
+        if p.is_automated:  # nobody looks at a bot's view; a person whose seat it took over sees the end page
+            events.refresh_on_commit(events.seat_channel(p.pk))
+        else:
+            from experiment.selectors import own_state
+
+            events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states",
+                                                              "states": {str(p.pk): own_state(p, group, done)}})
         events.forward_on_commit(events.group_channel(group.pk), {
             "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
 
@@ -539,32 +562,37 @@ def _seconds_since_phase_start(group: Group) -> float | None:
     return (timezone.now() - group.phase_started_at).total_seconds() if group.phase_started_at else None
 
 
-def _unique(fn):
-    """Turn a unique-constraint violation (a double submit that raced past the check) into a clear error."""
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except IntegrityError:
-            raise RuleError("already_submitted", "You have already submitted this decision.") from None
-    return wrapper
+def _unique(message: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Turn a unique-constraint violation into a clear error: a decision submitted twice.
+
+    The database's constraint is the check (asking first would cost every action a query, and a double
+    submit can race past such a question anyway); the insert it refuses is the first write of the action, so
+    nothing else has changed when it does."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except IntegrityError:
+                raise RuleError("already_submitted", message) from None
+        return wrapper
+    return decorate
 
 
-@_unique
+@_unique("You have already sent your message this round.")
 @transaction.atomic
 def pitch_submit(*, participant_id: int, round_number: int, text: object, automated: bool = False) -> None:
     group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.PITCH,
                                round_number=round_number, automated=automated)
     clean = game.check_message(text, params)
-    if Message.objects.filter(candidate=p, round_number=round_number).exists():
-        raise RuleError("already_submitted", "You have already sent your message this round.")
     Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean, decided_by=p.controller,
                            decision_seconds=_seconds_since_phase_start(group))
     _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)})
 
 
 def _choice_create(group: Group, params: game.Params, selector: Participant, candidate: Participant | None,
-                   sent: int, *, timed_out: bool) -> Choice:
-    candidates = list(group.participants.filter(role=P.Role.CANDIDATE).values_list("seat", flat=True))
+                   sent: int, *, timed_out: bool, candidates: list[str]) -> Choice:
+    """``candidates``: the group's candidate seats."""
     order = game.candidate_order(group.seed, selector.seat, group.round_number, candidates)
     label = ""
     if candidate is not None:
@@ -578,25 +606,22 @@ def _choice_create(group: Group, params: game.Params, selector: Participant, can
     )
 
 
-@_unique
+@_unique("You have already made your choice this round.")
 @transaction.atomic
 def choice_submit(*, participant_id: int, round_number: int, candidate: object, amount: object,
                   automated: bool = False) -> None:
     group, p, params = _acting(participant_id, role=P.Role.SELECTOR, phase=Phase.CHOICE,
                                round_number=round_number, automated=automated)
-    if not isinstance(candidate, str):
-        raise RuleError("unknown_candidate", "Choose one of the candidates shown.")
-    chosen = group.participants.filter(role=P.Role.CANDIDATE, seat=candidate).first()
+    candidates = {c.seat: c for c in _seats(group, P.Role.CANDIDATE)}
+    chosen = candidates.get(candidate) if isinstance(candidate, str) else None
     if chosen is None:
         raise RuleError("unknown_candidate", "Choose one of the candidates shown.")
     sent = game.check_sent(amount, params)
-    if Choice.objects.filter(selector=p, round_number=round_number).exists():
-        raise RuleError("already_submitted", "You have already made your choice this round.")
-    choice = _choice_create(group, params, p, chosen, sent, timed_out=False)
+    choice = _choice_create(group, params, p, chosen, sent, timed_out=False, candidates=list(candidates))
     _acted(group, params, p, "choice.submitted", {"candidate": chosen.seat, "sent": sent, "position": choice.position})
 
 
-@_unique
+@_unique("You have already decided this return.")
 @transaction.atomic
 def return_submit(*, participant_id: int, round_number: int, selector: object, amount: object,
                   automated: bool = False) -> None:
@@ -607,14 +632,12 @@ def return_submit(*, participant_id: int, round_number: int, selector: object, a
     if choice is None:
         raise RuleError("unknown_selector", "That selector did not choose you this round.")
     returned = game.check_returned(amount, choice.multiplied)
-    if Return.objects.filter(choice=choice).exists():
-        raise RuleError("already_submitted", "You have already decided this return.")
     Return.objects.create(choice=choice, candidate=p, available=choice.multiplied, returned=returned,
                           decided_by=p.controller, decision_seconds=_seconds_since_phase_start(group))
     _acted(group, params, p, "return.submitted", {"selector": selector, "returned": returned, "available": choice.multiplied})
 
 
-@_unique
+@_unique("You have already given your guesses this round.")
 @transaction.atomic
 def belief_submit(*, participant_id: int, round_number: int, beliefs: object, automated: bool = False) -> None:
     group, p, params = _acting(participant_id, role=P.Role.SELECTOR, phase=Phase.BELIEF,
@@ -628,15 +651,13 @@ def belief_submit(*, participant_id: int, round_number: int, beliefs: object, au
             raise RuleError("invalid_belief", f'For candidate {seat}, guess "human" or "bot".')
         rows.append(Belief(group=group, round_number=round_number, selector=p, candidate=candidates[seat],
                            guess=entry["guess"], confidence=game.check_confidence(entry.get("confidence"))))
-    if Belief.objects.filter(selector=p, round_number=round_number).exists():
-        raise RuleError("already_submitted", "You have already given your guesses this round.")
     Belief.objects.bulk_create(rows)
     _acted(group, params, p, "belief.submitted", {"beliefs": {b.candidate.seat: [b.guess, b.confidence] for b in rows}})
 
 
 # ---- after the game ------------------------------------------------------------------------------------
 
-@_unique
+@_unique("You have already answered the questionnaire.")
 @transaction.atomic
 def questionnaire_submit(*, participant_id: int, answers: object) -> None:
     from experiment.questionnaire import clean_answers

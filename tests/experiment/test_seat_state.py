@@ -185,10 +185,11 @@ def test_a_progress_handed_over_inside_a_rolled_back_transaction_is_not_kept() -
     assert _same(seat_state(candidates[0].pk), _fresh_state(candidates[0].pk))
 
 
-def test_a_phase_change_sends_every_person_the_view_they_would_read_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_views_sent_by_the_lock_holder_are_the_views_people_would_read_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
     """At a phase change (and at the end) the lock holder builds every person's view once and sends those
-    instead of asking the group to look again. Each must equal the person's own fresh read, in every phase,
-    after actions, bots' actions and deadlines alike, for people who play, who timed out and who dropped."""
+    instead of asking the group to look again; after an action within a phase, the actor's own. Each must
+    equal the person's own fresh read, in every phase, after actions, bots' actions and deadlines alike, for
+    people who play, who timed out and who dropped."""
     import random
 
     from bots.synthetic import SyntheticHuman
@@ -202,15 +203,18 @@ def test_a_phase_change_sends_every_person_the_view_they_would_read_themselves(m
     idle = people[-1]  # never acts: times out, then drops out
     human = SyntheticHuman()
     rng = random.Random(5)
-    checked, phases, stages = 0, set(), set()
+    checked, phases, stages, own = 0, set(), set(), set()
 
     def check() -> None:
         nonlocal checked
         for channel, message in sent:
             assert message["type"] != "seat.refresh" or channel != events.group_channel(group.pk)
             if message["type"] == "seat.states":
-                assert channel == events.group_channel(group.pk)
-                assert set(message["states"]) == {str(pk) for pk in people}
+                if channel == events.group_channel(group.pk):  # a phase change: everybody's
+                    assert set(message["states"]) == {str(pk) for pk in people}
+                else:  # an action within a phase: the actor's own
+                    assert [channel] == [events.seat_channel(int(pk)) for pk in message["states"]]
+                    own.add(int(next(iter(message["states"]))))
                 for pk, state in message["states"].items():
                     assert _same(state, _fresh_state(int(pk))), (gamekit.at(group), pk)
                     assert _same(state, _uncached_state(int(pk)))
@@ -236,3 +240,4 @@ def test_a_phase_change_sends_every_person_the_view_they_would_read_themselves(m
     assert {"pitch", "choice", "return", "feedback", "belief", None} <= phases
     assert {"playing", "dropped", "questionnaire"} <= stages
     assert checked > 20
+    assert own == set(people) - {idle}
