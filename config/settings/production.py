@@ -28,10 +28,14 @@ DATABASES = {
 REDIS_URL = env_str("REDIS_URL")
 CHANNEL_LAYERS = {
     "default": {
-        "BACKEND": "channels_redis.core.RedisChannelLayer",
-        # channels_redis waits for messages with a 5 s BZPOPMIN; redis-py's default 5 s socket timeout
-        # races it and kills idle websockets with "Timeout reading from redis". Read for longer than that.
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "capacity": 1500, "expiry": 30},
+        # Redis Pub/Sub: a broadcast is one PUBLISH, and each web process receives it once, on one subscribed
+        # connection, and hands it to its own connections. The list-based RedisChannelLayer costs four round
+        # trips to send and four more per receiving connection (a cleanup script, BZPOPMIN, a backup write and
+        # its removal): 4.6 times the client CPU per broadcast (docs/benchmarks.md, "Channel layer"). Neither
+        # layer keeps a message for a process that is not connected: clients resynchronise from a full state
+        # when they reconnect, and the truth is in PostgreSQL.
+        "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
     }
 }
 CELERY_BROKER_URL = REDIS_URL

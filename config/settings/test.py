@@ -55,9 +55,8 @@ if PRODUCTION_SERVICES:
     DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL)}
     CHANNEL_LAYERS = {
         "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",  # as in production
             # A fresh prefix per run: no leftovers from an earlier run can reach this one.
-            # socket_timeout: as in production (a 5 s read timeout races channels_redis's 5 s BZPOPMIN).
             "CONFIG": {"hosts": [{"address": TEST_REDIS_URL, "socket_timeout": 15}], "prefix": f"plt-{uuid.uuid4().hex[:8]}"},
         }
     }
