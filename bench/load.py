@@ -12,8 +12,12 @@ Reports p50/p95/p99 of the time from an action to its ack and from a phase's las
 client of the group receiving the next phase, errors, stalled groups (not finished within the
 design's deadline budget) and server CPU (CPU seconds of the server processes / wall seconds).
 
-    .venv/bin/python bench/load.py                       # 1,000 participants (200 groups of 5 humans + 2 bots)
+    .venv/bin/python bench/load.py                       # 1,000 participants: 142 groups of 5 humans + 2 bots
+    .venv/bin/python bench/load.py --groups 200          # 1,000 synthetic humans (200 groups) + 400 bots
     .venv/bin/python bench/load.py --participants 70 --rounds 1 --json
+
+A participant is a seat, human or bot, as DESIGN.md counts them; the synthetic humans connect over
+websockets, the bots act through Celery.
 
 Exit status: 0 all good; 1 errors or stalled groups; 2 latency target (p99 < 200 ms) missed.
 """
@@ -214,7 +218,10 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--participants", type=int, default=1000,
-                        help="Synthetic humans connected at once (rounded down to whole groups of the design's humans).")
+                        help="Participants (seats, human or bot, as DESIGN.md counts them), rounded down to whole groups: "
+                             "1,000 is 142 groups of the default design (5 synthetic humans over websockets + 2 bots).")
+    parser.add_argument("--groups", type=int, default=None,
+                        help="Number of groups instead of --participants (e.g. 200: 1,000 synthetic humans + 400 bots).")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--phase-seconds", type=int, default=60,
                         help="Pitch, choice, return and belief phase length (DESIGN.md default 60); feedback is a quarter.")
@@ -236,8 +243,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", action="store_true", help="Keep the processes' logs (printed path).")
     args = parser.parse_args(list(argv) if argv is not None else None)
     problems = [f"--{n.replace('_', '-')} must be at least {lo}" for n, lo in
-                (("participants", 1), ("rounds", 1), ("phase_seconds", 2), ("workers", 1), ("celery_concurrency", 1))
-                if getattr(args, n) < lo]
+                (("participants", 1), ("groups", 1), ("rounds", 1), ("phase_seconds", 2), ("workers", 1), ("celery_concurrency", 1))
+                if getattr(args, n) is not None and getattr(args, n) < lo]
     if args.time_scale <= 0 or args.ramp_seconds < 0 or args.duration_limit < 60:
         problems.append("--time-scale must be > 0, --ramp-seconds >= 0 and --duration-limit >= 60")
     if not args.postgres.startswith(("postgres://postgres@127.0.0.1:", "postgresql://postgres@127.0.0.1:")):
@@ -260,7 +267,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     # Each participant holds a socket here and one in a server process.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.participants + 1024)), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * max(args.participants, 7 * (args.groups or 0)) + 1024)), hard))
     work = Path(tempfile.mkdtemp(prefix="partnerlab-load-"))
     database_url = f"{args.postgres.rstrip('/')}/{args.database}"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PARTNERLAB_", "CELERY_"))},
@@ -287,9 +294,13 @@ def main(argv: Iterable[str] | None = None) -> int:
 
         django.setup()
         session, experiment = _setup(args)
-        clients = (args.participants // experiment.n_humans) * experiment.n_humans
+        seats = experiment.n_selectors + experiment.n_candidates
+        groups = args.groups or args.participants // seats
+        clients = groups * experiment.n_humans
         if clients == 0:
-            raise SystemExit(f"--participants must be at least {experiment.n_humans} (one group's humans).")
+            raise SystemExit(f"--participants must be at least {seats} (one group's seats).")
+        session.capacity = clients
+        session.save(update_fields=["capacity"])
         say(f"Starting {args.workers} uvicorn workers on {HOST}:{args.port} and a Celery worker with beat …")
         procs.append(Proc("uvicorn", [py, "-m", "uvicorn", "config.asgi:application", "--host", HOST, "--port",
                                       str(args.port), "--workers", str(args.workers), "--lifespan", "on",
@@ -300,13 +311,13 @@ def main(argv: Iterable[str] | None = None) -> int:
                                      "-n", f"load-{os.getpid()}@%h"], env=env, logs=work))
         _wait_ready(procs, args.port, deadline=time.monotonic() + 90)
         meter = CpuMeter(groups={p.name: p.pgid for p in procs}, database=args.database)
-        report["config"] = {"participants": clients, "groups": clients // experiment.n_humans,
+        report["config"] = {"participants": groups * seats, "synthetic_humans": clients, "groups": groups,
                             "humans_per_group": experiment.n_humans,
-                            "bot_seats": clients // experiment.n_humans * experiment.n_bot_candidates,
+                            "bot_seats": groups * (seats - experiment.n_humans),
                             "rounds": args.rounds, "phase_seconds": args.phase_seconds,
                             "time_scale": args.time_scale, "ramp_seconds": args.ramp_seconds,
                             "uvicorn_workers": args.workers, "celery_concurrency": args.celery_concurrency}
-        say(f"Running {clients} participants in {clients // experiment.n_humans} groups …")
+        say(f"Running {groups * seats} participants ({clients} synthetic humans) in {groups} groups …")
         meter.start()
         time_limit = max(10.0, hard_end - time.monotonic() - 60)  # leave a minute for measuring and cleaning up
         reports, duration = _drive(args, session.code, clients, experiment, time_limit)
@@ -497,7 +508,8 @@ def _text(r: dict[str, Any]) -> str:
         lines.append(f"ABORTED: {r['aborted']}")
     if "config" in r:
         c = r["config"]
-        lines.append(f"Run: {c['participants']} participants in {c['groups']} groups ({c['humans_per_group']} humans "
+        lines.append(f"Run: {c['participants']} participants in {c['groups']} groups ({c.get('synthetic_humans')} synthetic humans, "
+                     f"{c['humans_per_group']} humans "
                      f"+ bots; {c['bot_seats']} scripted bot seats), {c['rounds']} rounds, phases {c['phase_seconds']} s, "
                      f"time scale {c['time_scale']}, ramp {c['ramp_seconds']} s, {c['uvicorn_workers']} uvicorn workers, "
                      f"Celery concurrency {c['celery_concurrency']}")

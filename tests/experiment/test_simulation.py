@@ -130,13 +130,16 @@ def test_load_benchmark_machinery(production_services) -> None:
     database = "partnerlab_load_smoke"
     port = _port() or 8611
     done = subprocess.run(
-        [sys.executable, "bench/load.py", "--participants", "10", "--rounds", "1", "--phase-seconds", "5",
+        [sys.executable, "bench/load.py", "--participants", "15", "--rounds", "1", "--phase-seconds", "5",
          "--time-scale", "0.05", "--ramp-seconds", "1", "--duration-limit", "300", "--port", str(port),
          "--database", database, "--redis-db", "14", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=420, check=False)
     assert done.returncode in (0, 2), f"{done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     report = json.loads(done.stdout)
     assert report["errors"] == 0, report["error_examples"]
+    # Participants are seats, human or bot: 15 make two whole groups of 7 (5 synthetic humans and 2 bots each).
+    assert {k: report["config"][k] for k in ("participants", "synthetic_humans", "bot_seats", "groups")} == {
+        "participants": 14, "synthetic_humans": 10, "bot_seats": 4, "groups": 2}
     assert report["groups_stalled"] == [] and report["groups_completed"] == 2
     assert report["clients_by_stage"] == {"finished": 10}
     assert report["stored"]["choices"] == 2 * 3 and report["stored"]["messages"] == 2 * 4
