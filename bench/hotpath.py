@@ -90,7 +90,7 @@ class Meter:
             times = sorted(cpu for cpu, _ in calls)
             n = len(times)
             queries = sum(q for _, q in calls)
-            out.append(f"{kind:<20} n={n:<6} CPU mean {sum(times) / n * 1000:6.2f} ms   p50 {times[n // 2] * 1000:6.2f} ms   "
+            out.append(f"{kind:<40} n={n:<6} CPU mean {sum(times) / n * 1000:6.2f} ms   p50 {times[n // 2] * 1000:6.2f} ms   "
                        f"p95 {times[int(n * 0.95)] * 1000:6.2f} ms   queries/call {queries / n:5.1f}")
         return out
 
@@ -153,9 +153,10 @@ def _run(n_groups: int, profile: str | None) -> None:
         """The person acts on their last view if it asks something of them; True when they did."""
         messages = human.decide(states[pid], rng)
         for message in messages:
-            meter.call("action", actions.dispatch, pid, message)
+            kind = f"action {message['type']}"
+            meter.call(kind, actions.dispatch, pid, message)
             if any(channel.startswith("group-") for channel, _ in sent):
-                meter.rename_last("action", "action, new phase")
+                meter.rename_last(kind, f"{kind}, new phase")
             group_id = Participant.objects.values_list("group_id", flat=True).get(pk=pid)
             if pid not in phase_views([group_id] if group_id else []):
                 states[pid] = meter.call("view after action", seat_state, pid)

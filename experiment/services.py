@@ -23,7 +23,6 @@ from experiment.models import (
     Belief,
     Choice,
     Event,
-    Experiment,
     Group,
     Message,
     Participant,
@@ -70,29 +69,40 @@ def _lock_group(group_id: int) -> Group:
     return _groups_locked().get(pk=group_id)
 
 
-def _lock_participant(participant_id: int, *, with_session: bool = True) -> Participant:
-    """Lock the participant's row, and first the whole session's when ``with_session``.
+def _lock_participant(participant_id: int, *, with_session: bool = True, session_id: int | None = None) -> Participant:
+    """Lock the participant's row, and first the whole session's when ``with_session`` (``session_id``: the
+    participant's session, if the caller has read it).
 
     Only what may change the lobby or the groups needs the session lock; steps that change one person
     alone (consent, instructions, a wrong quiz, the questionnaire) lock just their row, so a session's
     arrivals do not queue behind each other (measured with bench/load.py).
     """
     try:
-        session_id = Participant.objects.values_list("session_id", flat=True).get(pk=participant_id)
+        if with_session:
+            if session_id is None:
+                session_id = Participant.objects.values_list("session_id", flat=True).get(pk=participant_id)
+            _lock_session(session_id)
+        return (Participant.objects.select_for_update(of=("self",)).select_related("session__experiment")
+                .get(pk=participant_id))
     except Participant.DoesNotExist:
         raise RuleError("unknown_participant", "No such participant.") from None
-    if with_session:
-        _lock_session(session_id)
-    return (Participant.objects.select_for_update(of=("self",)).select_related("session__experiment")
-            .get(pk=participant_id))
 
 
-def _peek_experiment(participant_id: int) -> Experiment:
-    """The participant's experiment, read without locking (to decide which locks an action needs)."""
+def _peek_quiz(participant_id: int) -> tuple[int, list[dict[str, Any]]]:
+    """The participant's session id and their experiment's quiz, read without locking (to decide which locks an
+    action needs), in one query."""
     try:
-        return Participant.objects.select_related("session__experiment").get(pk=participant_id).session.experiment
+        return Participant.objects.values_list("session_id", "session__experiment__quiz").get(pk=participant_id)
     except Participant.DoesNotExist:
         raise RuleError("unknown_participant", "No such participant.") from None
+
+
+def _own_view_on_commit(p: Participant) -> None:
+    """Send a person not yet in a group their new view once the transaction commits, built from the locked row
+    (its session and experiment loaded with it) rather than read again by their connection."""
+    from experiment.selectors import pregame_state
+
+    events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): pregame_state(p)}})
 
 
 def _require_stage(p: Participant, stage: str) -> None:
@@ -145,19 +155,19 @@ def consent_submit(*, participant_id: int, accept: bool) -> None:
         p.finished_at = timezone.now()
     p.save(update_fields=["status", "finished_at"])
     _log(session_id=p.session_id, type="consent.given" if accept else "consent.declined", participant=p)
-    events.refresh_on_commit(events.seat_channel(p.pk))
+    _own_view_on_commit(p)
 
 
 @transaction.atomic
 def instructions_done(*, participant_id: int) -> None:
-    has_quiz = bool(_peek_experiment(participant_id).quiz)  # without a quiz, this enters the lobby
-    p = _lock_participant(participant_id, with_session=not has_quiz)
+    session_id, quiz = _peek_quiz(participant_id)
+    p = _lock_participant(participant_id, with_session=not quiz, session_id=session_id)  # without a quiz: the lobby
     _require_stage(p, P.Status.INSTRUCTIONS)
     _log(session_id=p.session_id, type="instructions.read", participant=p)
-    if has_quiz:
+    if quiz:
         p.status = P.Status.QUIZ
         p.save(update_fields=["status"])
-        events.refresh_on_commit(events.seat_channel(p.pk))
+        _own_view_on_commit(p)
     else:
         _lobby_enter(p)
 
@@ -165,10 +175,11 @@ def instructions_done(*, participant_id: int) -> None:
 @transaction.atomic
 def quiz_submit(*, participant_id: int, answers: object) -> dict[str, Any]:
     """Check the comprehension quiz. Wrong answers may be retried; the result lists the wrong ones."""
-    quiz = _peek_experiment(participant_id).quiz
+    session_id, quiz = _peek_quiz(participant_id)
     wrong = ([i for i, item in enumerate(quiz) if str(answers.get(str(i), "")) != item["answer"]]
              if isinstance(answers, dict) else None)
-    p = _lock_participant(participant_id, with_session=wrong == [])  # only right answers enter the lobby
+    # Only right answers enter the lobby.
+    p = _lock_participant(participant_id, with_session=wrong == [], session_id=session_id)
     _require_stage(p, P.Status.QUIZ)
     if not isinstance(answers, dict) or wrong is None:
         raise RuleError("invalid_message", '"answers" must map question numbers to answers.')
@@ -177,7 +188,7 @@ def quiz_submit(*, participant_id: int, answers: object) -> dict[str, Any]:
     _log(session_id=p.session_id, type="quiz.submitted", participant=p,
          payload={"attempt": p.quiz_attempts, "wrong": wrong, "answers": {k: str(v)[:200] for k, v in list(answers.items())[:50]}})
     if wrong:
-        events.refresh_on_commit(events.seat_channel(p.pk))
+        _own_view_on_commit(p)
         return {"correct": False, "wrong": wrong}
     _lobby_enter(p)
     return {"correct": True, "wrong": []}

@@ -241,3 +241,33 @@ def test_the_views_sent_by_the_lock_holder_are_the_views_people_would_read_thems
     assert {"playing", "dropped", "questionnaire"} <= stages
     assert checked > 20
     assert own == set(people) - {idle}
+
+
+def test_before_the_lobby_each_step_sends_the_view_the_person_would_read_themselves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Consent, instructions and a wrong quiz change one person alone: their new view is built from the row the
+    service locked and sent to their seat (no read by their connection), and equals a fresh read."""
+    from experiment import actions, events
+    from tests import factories
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(events, "_send_now", lambda channel, message: sent.append((channel, message)))
+    session = factories.session_create(gamekit.experiment_small(), capacity=5)
+    right = factories.quiz_answers(session.experiment)
+    steps = [{"type": "consent", "accept": True}, {"type": "instructions.done"},
+             {"type": "quiz.submit", "answers": {k: "not an option" for k in right}}]
+    person, declines = (services.participant_join(session_id=session.pk).pk for _ in range(2))
+    stages = []
+    for pk, message in [*((person, step) for step in steps), (declines, {"type": "consent", "accept": False})]:
+        sent.clear()
+        actions.dispatch(pk, message)
+        views = [m for channel, m in sent if channel == events.seat_channel(pk)]
+        assert [m["type"] for m in views] == ["seat.states"], sent
+        state = views[0]["states"][str(pk)]
+        assert _same(state, seat_state(pk))
+        stages.append(state["stage"])
+    assert stages == ["instructions", "quiz", "quiz", "declined"]
+    assert seat_state(person)["quiz"]["attempts"] == 1
+    # The right answers enter the lobby, whose view the lobby's refresh brings (it counts who is waiting).
+    sent.clear()
+    actions.dispatch(person, {"type": "quiz.submit", "answers": right})
+    assert (events.lobby_channel(session.pk), {"type": "seat.refresh"}) in sent
