@@ -423,9 +423,8 @@ def _settle_round(group: Group, params: game.Params) -> None:
     payoffs = game.round_payoffs(transfers, selectors, candidates, params)
     RoundPayoff.objects.bulk_create([RoundPayoff(participant=seats[s], round_number=r, points=v) for s, v in payoffs.items()])
     for seat, points in payoffs.items():
-        p = seats[seat]
-        p.payoff += points
-        p.save(update_fields=["payoff"])
+        seats[seat].payoff += points
+    Participant.objects.bulk_update([seats[seat] for seat in payoffs], ["payoff"])  # one query, not one per seat
     _log(session_id=group.session_id, type="round.settled", group=group, payload={"payoffs": payoffs})
 
 
@@ -497,13 +496,16 @@ def lobby_sweep(*, session_id: int, now: datetime) -> None:
 def _acting(participant_id: int, *, role: str, phase: Phase, round_number: object,
             automated: bool = False) -> tuple[Group, Participant, game.Params]:
     """Lock the participant's group and check that they may act now. ``automated``: a bot/synthetic call."""
-    # One query finds and locks the group (a seat never changes group); the reason is asked only on refusal.
-    group = _groups_locked().filter(participants=participant_id).order_by().first()
-    if group is None:
+    # One query reads the seat with its group, locking the group's row only (a seat never changes group); the
+    # reason is asked only on refusal.
+    p = (Participant.objects.select_for_update(of=("group",))
+         .select_related("group__session__experiment", "group__condition")
+         .filter(pk=participant_id, group__isnull=False).order_by().first())
+    if p is None:
         if not Participant.objects.filter(pk=participant_id).exists():
             raise RuleError("unknown_participant", "No such participant.")
         raise RuleError("not_in_group", "You are not in a game yet.")
-    p = Participant.objects.get(pk=participant_id)
+    group = p.group
     if group.status != Group.Status.PLAYING:
         raise RuleError("game_over", "The game has ended.")
     if group.paused_at is not None:
