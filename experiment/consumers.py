@@ -116,9 +116,10 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
 
     async def seat_states(self, message: dict[str, Any]) -> None:
         state = message["states"].get(str(self.participant_id))
-        if state is None:  # not a seat of the group that sent them (cannot happen): read our own
-            await self._send_state()
-            return
+        if state is None:
+            if not message.get("partial"):  # a group's views without this seat (cannot happen): read our own
+                await self._send_state()
+            return  # the lobby's views, sent as this person left it for a group: their game comes on their own channel
         await self._subscribe(state)
         await self.send(text_data=json.dumps(state))
 

@@ -185,7 +185,8 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
 # ---- channel-layer fan-out ------------------------------------------------------------------------
 # Channel-layer messages name a consumer handler in ``type``: "seat.refresh" asks every connection of
 # the receiving channel group to send a fresh ``state``; "seat.forward" forwards ``event`` as is;
-# "seat.states" carries ready views, ``states`` by participant id: each connection sends its seat's.
+# "seat.states" carries ready views, ``states`` by participant id: each connection sends its seat's (with
+# ``partial``, a connection whose seat is not among them sends nothing; without, it reads its own).
 
 def group_channel(group_id: int) -> str:
     return f"group-{group_id}"

@@ -101,6 +101,18 @@ def pregame_state(p: Participant) -> dict[str, Any]:
 PREGAME_STAGES = frozenset({P.Status.CONSENT, P.Status.INSTRUCTIONS, P.Status.QUIZ, P.Status.DECLINED})
 
 
+def lobby_states(session: Session, waiting: list[Participant]) -> dict[str, dict[str, Any]]:
+    """The views of everybody waiting in the session's lobby, by participant id (as a string), each equal to what
+    :func:`seat_state` gives them. For the holder of the session's lock, who has just read ``waiting``: every
+    person in the lobby, in order of arrival."""
+    assert connection.in_atomic_block, "lobby_states reads the lobby under the session's lock"
+    states = {}
+    for p in waiting:
+        p.session = session
+        states[str(p.pk)] = _state(p, None, P.Status.LOBBY, session.experiment, None, lobby=_lobby(p, waiting))
+    return states
+
+
 def _stage(p: Participant, group: Group | None, *, for_controller: bool = False) -> str:
     if (for_controller and p.is_automated and p.status == P.Status.DROPPED and group is not None
             and group.status == Group.Status.PLAYING):
@@ -109,8 +121,9 @@ def _stage(p: Participant, group: Group | None, *, for_controller: bool = False)
 
 
 def _state(p: Participant, group: Group | None, stage: str, experiment: Experiment,
-           view: _GroupView | None) -> dict[str, Any]:
-    """One seat's view; ``view``: what its group's game shows, for a seat in play."""
+           view: _GroupView | None, *, lobby: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One seat's view; ``view``: what its group's game shows, for a seat in play; ``lobby``: what the lobby
+    shows, if the caller has it."""
     params = view.params if view else experiment.params()
     state: dict[str, Any] = {
         "type": "state",
@@ -133,7 +146,7 @@ def _state(p: Participant, group: Group | None, stage: str, experiment: Experime
                          "questions": [{"id": str(i), "question": q["question"], "options": q["options"]}
                                        for i, q in enumerate(experiment.quiz)]}
     elif stage == P.Status.LOBBY:
-        state["lobby"] = _lobby(p)
+        state["lobby"] = lobby if lobby is not None else _lobby(p)
     elif view is not None:
         state["game"] = _game(p, view)
     elif stage == P.Status.QUESTIONNAIRE:
@@ -315,17 +328,21 @@ def clear_kept() -> None:
     progress_parts.clear()
 
 
-def _lobby(p: Participant) -> dict[str, Any]:
+def _lobby(p: Participant, waiting_people: list[Participant] | None = None) -> dict[str, Any]:
+    """``waiting_people``: everybody in the lobby in order of arrival, if the caller has read them."""
     experiment = p.session.experiment
-    waiting = p.session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON).count()
+    in_lobby = p.session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
+    waiting = in_lobby.count() if waiting_people is None else len(waiting_people)
     needed = experiment.n_humans
     ahead = waiting % needed or needed
     lobby = {"waiting": waiting, "group_size": needed, "missing": max(0, needed - ahead),
              "timeout_at": (p.lobby_at + timezone.timedelta(seconds=experiment.lobby_timeout_seconds)).isoformat()
              if p.lobby_at else None, "fill_at": None}
     if p.session.synthetic_fill_after is not None and p.lobby_at:
-        first = (p.session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
-                 .order_by("lobby_at").values_list("lobby_at", flat=True).first()) or p.lobby_at
+        if waiting_people is None:
+            first = in_lobby.order_by("lobby_at").values_list("lobby_at", flat=True).first() or p.lobby_at
+        else:
+            first = waiting_people[0].lobby_at if waiting_people else p.lobby_at
         lobby["fill_at"] = (first + timezone.timedelta(seconds=p.session.synthetic_fill_after)).isoformat()
     return lobby
 

@@ -200,15 +200,22 @@ def _lobby_enter(p: Participant) -> None:
     p.lobby_at = timezone.now()
     p.save(update_fields=["status", "lobby_at"])
     _log(session_id=p.session_id, type="lobby.entered", participant=p)
-    events.refresh_on_commit(events.seat_channel(p.pk))
-    lobby_match(p.session, now=p.lobby_at)
+    waiting = lobby_match(p.session, now=p.lobby_at)
+    if str(p.pk) in waiting:  # (someone who got a group at once was sent their game already)
+        # Not following the lobby's channel yet: the person's own connection gets their view.
+        events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): waiting[str(p.pk)]}})
 
 
-def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> list[Group]:
-    """Form every group the lobby allows, by arrival. Call holding the session lock.
+def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> dict[str, dict[str, Any]]:
+    """Form every group the lobby allows, by arrival. Call holding the session lock. Returns the views of those
+    still waiting, by participant id.
 
-    The lobby's pages are refreshed when a group formed or the caller says the lobby ``changed``
-    (the sweep calls this every second and must not re-send every waiting person's state for nothing)."""
+    The people still waiting are sent their new views (on the lobby's channel) when a group formed or the caller
+    says the lobby ``changed`` (the sweep calls this every second and must not re-send every waiting person's
+    state for nothing); the people who got a group, theirs (on their own channels). Both are built here, under
+    the lock, rather than read again by every connection."""
+    from experiment.selectors import lobby_states
+
     experiment = session.experiment
     params = experiment.params()
     waiting = list(session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
@@ -221,9 +228,11 @@ def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> lis
     if waiting and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after):
         formed.append(_group_form(session, waiting, params, now))
         waiting = []
-    if formed or changed:
-        events.refresh_on_commit(events.lobby_channel(session.pk))
-    return formed
+    states = lobby_states(session, waiting) if formed or changed else {}
+    if states:
+        # "partial": whoever follows the lobby but is not among them (they just got a group) ignores it.
+        events.send_on_commit(events.lobby_channel(session.pk), {"type": "seat.states", "states": states, "partial": True})
+    return states
 
 
 def _group_form(session: Session, people: list[Participant], params: game.Params, now: datetime) -> Group:
@@ -253,10 +262,14 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
         seats[plan.seat] = {"participant": p.pk, "role": plan.role, "kind": p.kind, "controller": p.controller}
     _log(session_id=session.pk, type="group.formed", group=group,
          payload={"condition": condition.name, "seats": seats, "synthetic_humans": synthetic, "seed": seed})
-    for p in people:
-        events.refresh_on_commit(events.seat_channel(p.pk))
     _phase_open(group, 1, Phase.PITCH, params, now)
     _advance(group, params, now)
+    # Each person's first view of the game goes to their own channel (they follow the group's from then on).
+    from experiment.selectors import group_states
+
+    states = group_states(group)
+    for p in people:
+        events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): states[str(p.pk)]}})
     return group
 
 

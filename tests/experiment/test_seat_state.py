@@ -87,6 +87,7 @@ def test_seats_asking_at_the_same_moment_wait_for_one_read(monkeypatch: pytest.M
     from experiment import selectors
 
     group = gamekit.group_start(**TWO_HUMAN_CANDIDATES)
+    clear_kept()  # forming the group kept what its views share: start without it
     reads = []
     real = selectors._read_phase_part
 
@@ -267,7 +268,47 @@ def test_before_the_lobby_each_step_sends_the_view_the_person_would_read_themsel
         stages.append(state["stage"])
     assert stages == ["instructions", "quiz", "quiz", "declined"]
     assert seat_state(person)["quiz"]["attempts"] == 1
-    # The right answers enter the lobby, whose view the lobby's refresh brings (it counts who is waiting).
+    # The right answers enter the lobby (its views: test_the_lobby_sends_the_views_people_would_read_themselves).
     sent.clear()
     actions.dispatch(person, {"type": "quiz.submit", "answers": right})
-    assert (events.lobby_channel(session.pk), {"type": "seat.refresh"}) in sent
+    [lobby_view] = [m["states"][str(person)] for channel, m in sent if channel == events.seat_channel(person)]
+    assert lobby_view["stage"] == "lobby" and _same(lobby_view, seat_state(person))
+
+
+@pytest.mark.parametrize("fill_after", [None, 30])
+def test_the_lobby_sends_the_views_people_would_read_themselves(monkeypatch: pytest.MonkeyPatch, fill_after: int | None) -> None:
+    """Entering the lobby sends the newcomer their view and everybody waiting theirs (the count changed); forming
+    a group sends each of its people their first view of the game on their own channel. All are built under the
+    session's lock, and each equals the person's own fresh read."""
+    from experiment import events
+    from tests import factories
+
+    sent: list[tuple[str, dict]] = []
+    monkeypatch.setattr(events, "_send_now", lambda channel, message: sent.append((channel, message)))
+    session = factories.session_create(gamekit.experiment_small(), capacity=20, synthetic_fill_after=fill_after)
+    lobby = events.lobby_channel(session.pk)
+    n = session.experiment.n_humans
+    people: list[int] = []
+    for i in range(n + 2):
+        person = services.participant_join(session_id=session.pk).pk
+        services.consent_submit(participant_id=person, accept=True)
+        services.instructions_done(participant_id=person)
+        sent.clear()
+        services.quiz_submit(participant_id=person, answers=factories.quiz_answers(session.experiment))
+        people.append(person)
+        # (A new group's channel is asked to look again too: nobody follows it before their first view of the game.)
+        assert not [c for c, m in sent if m["type"] == "seat.refresh" and not c.startswith("group-")], sent
+        own = [m["states"] for channel, m in sent if channel == events.seat_channel(person)]
+        assert [list(states) for states in own] == [[str(person)]]
+        assert _same(own[0][str(person)], seat_state(person))
+        waiting = [m for channel, m in sent if channel == lobby]
+        if i + 1 == n:  # the group formed: each of its people got their game, nobody is left waiting
+            assert waiting == []
+            for pk in people:
+                views = [m["states"][str(pk)] for channel, m in sent if channel == events.seat_channel(pk)]
+                assert len(views) == 1 and views[0]["stage"] == "playing" and _same(views[0], seat_state(pk))
+        else:
+            [message] = waiting
+            assert message["partial"] and set(message["states"]) == {str(pk) for pk in people[n if i >= n else 0:]}
+            for pk, state in message["states"].items():
+                assert state["stage"] == "lobby" and _same(state, seat_state(int(pk)))
