@@ -31,7 +31,7 @@ CHANNEL_LAYERS = {
         # Redis Pub/Sub: a broadcast is one PUBLISH, and each web process receives it once, on one subscribed
         # connection, and hands it to its own connections. The list-based RedisChannelLayer costs four round
         # trips to send and four more per receiving connection (a cleanup script, BZPOPMIN, a backup write and
-        # its removal): 4.6 times the client CPU per broadcast (docs/benchmarks.md, "Channel layer"). Neither
+        # its removal): 3.7 times the client CPU per broadcast (docs/benchmarks.md, "Channel layer"). Neither
         # layer keeps a message for a process that is not connected: clients resynchronise from a full state
         # when they reconnect, and the truth is in PostgreSQL.
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
