@@ -200,10 +200,10 @@ def _lobby_enter(p: Participant) -> None:
     p.lobby_at = timezone.now()
     p.save(update_fields=["status", "lobby_at"])
     _log(session_id=p.session_id, type="lobby.entered", participant=p)
-    waiting = lobby_match(p.session, now=p.lobby_at)
-    if str(p.pk) in waiting:  # (someone who got a group at once was sent their game already)
+    views = lobby_match(p.session, now=p.lobby_at)
+    if str(p.pk) in views:  # (someone who got a group at once was sent their game already)
         # Not following the lobby's channel yet: the person's own connection gets their view.
-        events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): waiting[str(p.pk)]}})
+        events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): views[str(p.pk)]}})
 
 
 def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> dict[str, dict[str, Any]]:

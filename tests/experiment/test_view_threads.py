@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
+from channels.layers import get_channel_layer
 
-from experiment import consumers
+from experiment import consumers, events
 from experiment.models import Participant
 from tests.experiment import gamekit
 from tests.wsclient import Seat
@@ -32,10 +34,18 @@ async def test_views_run_on_the_view_threads_and_actions_do_not(monkeypatch: pyt
 
     monkeypatch.setattr(consumers, "seat_state", view)
     monkeypatch.setattr(consumers.actions, "dispatch", dispatch)
-    seat = await Seat(candidate.token).connect()
+    seat = await Seat(candidate.token).connect()  # the view on connect
     reply = await seat.send({"type": "pitch.submit", "round": 1, "text": "I return half."})
     assert reply["type"] == "ack", reply
-    await seat.until(lambda s: s["game"]["my_message"] is not None)  # the refreshed view, not the progress
+    # The actor's own view after the action is built by the action (under the group's lock) and only sent.
+    await seat.until(lambda s: s["game"]["my_message"] is not None)
+    # A refresh asks the connection to read the view itself.
+    before = len(views)
+    await get_channel_layer().group_send(events.seat_channel(candidate.pk), {"type": "seat.refresh"})
+    for _ in range(100):
+        if len(views) > before:
+            break
+        await asyncio.sleep(0.05)
     await seat.close()
     assert len(views) >= 2 and all(name.startswith("web-views") for name in views), views
     assert actions_ and not any(name.startswith("web-views") for name in actions_), actions_
