@@ -363,6 +363,11 @@ def _queued_refresh(channel_group: str) -> int | None:
                  if getattr(entry[1], "partnerlab_key", None) == key), None)
 
 
+def view_to_seat_on_commit(participant_id: int, state: dict[str, Any]) -> None:
+    """Send one person their ready view once the transaction commits; their connections send it as it is."""
+    send_on_commit(seat_channel(participant_id), {"type": "seat.states", "states": {str(participant_id): state}})
+
+
 def forward_on_commit(channel_group: str, event: dict[str, Any]) -> None:
     send_on_commit(channel_group, {"type": "seat.forward", "event": event})
 

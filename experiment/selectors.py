@@ -91,14 +91,14 @@ def own_state(p: Participant, group: Group, progress: dict[str, int]) -> dict[st
     return _state(p, group, stage, shared.experiment, view)
 
 
+PREGAME_STAGES = frozenset({P.Status.CONSENT, P.Status.INSTRUCTIONS, P.Status.QUIZ, P.Status.DECLINED})
+
+
 def pregame_state(p: Participant) -> dict[str, Any]:
     """The view of a person at consent, instructions or the quiz (or who declined), equal to what
     :func:`seat_state` gives them: built from their row with its session and experiment loaded, no query."""
     assert p.group_id is None and p.status in PREGAME_STAGES, "a view without a lobby or a group"
     return _state(p, None, p.status, p.session.experiment, None)
-
-
-PREGAME_STAGES = frozenset({P.Status.CONSENT, P.Status.INSTRUCTIONS, P.Status.QUIZ, P.Status.DECLINED})
 
 
 def lobby_states(session: Session, waiting: list[Participant]) -> dict[str, dict[str, Any]]:

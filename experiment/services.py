@@ -102,7 +102,7 @@ def _own_view_on_commit(p: Participant) -> None:
     (its session and experiment loaded with it) rather than read again by their connection."""
     from experiment.selectors import pregame_state
 
-    events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): pregame_state(p)}})
+    events.view_to_seat_on_commit(p.pk, pregame_state(p))
 
 
 def _require_stage(p: Participant, stage: str) -> None:
@@ -203,7 +203,7 @@ def _lobby_enter(p: Participant) -> None:
     views = lobby_match(p.session, now=p.lobby_at)
     if str(p.pk) in views:  # (someone who got a group at once was sent their game already)
         # Not following the lobby's channel yet: the person's own connection gets their view.
-        events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): views[str(p.pk)]}})
+        events.view_to_seat_on_commit(p.pk, views[str(p.pk)])
 
 
 def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> dict[str, dict[str, Any]]:
@@ -269,7 +269,7 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
 
     states = group_states(group)
     for p in people:
-        events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states", "states": {str(p.pk): states[str(p.pk)]}})
+        events.view_to_seat_on_commit(p.pk, states[str(p.pk)])
     return group
 
 
@@ -566,8 +566,7 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
         else:
             from experiment.selectors import own_state
 
-            events.send_on_commit(events.seat_channel(p.pk), {"type": "seat.states",
-                                                              "states": {str(p.pk): own_state(p, group, done)}})
+            events.view_to_seat_on_commit(p.pk, own_state(p, group, done))
         events.forward_on_commit(events.group_channel(group.pk), {
             "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
 
