@@ -456,6 +456,13 @@ def _group_finish(group: Group, now: datetime) -> None:
 
 def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, actor_id: int | None = None) -> bool:
     """Close a phase at its deadline (or at once, for ``reason="staff"``). False when it was already closed."""
+    if reason == "deadline" and not Group.objects.filter(
+            pk=group_id, status=Group.Status.PLAYING, round_number=round_number, phase=phase,
+            phase_deadline__lte=timezone.now()).exists():
+        # Most deadline jobs come after the group's last decision closed the phase: a plain read tells them so,
+        # without a transaction or a wait for the group's lock (held by whoever is acting in the new phase).
+        # Whatever this read finds is checked again under the lock below.
+        return False
     with transaction.atomic():
         group = _lock_group(group_id)
         now = timezone.now()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from experiment import services
@@ -152,6 +152,42 @@ def test_a_choice_racing_the_deadline_is_stored_once() -> None:
         if r < ROUNDS_OF_RACING:
             _next_round(group)
     assert outcomes  # (which side wins is up to the scheduler; both are correct)
+
+
+def test_a_late_deadline_job_does_not_wait_for_the_lock_of_a_group_in_its_next_phase(threads_race) -> None:
+    """The group's last decision closed the pitch phase; its deadline job comes while someone holds the
+    group's lock for an action in the choice phase. The job must see at once that it has nothing to do."""
+    group, _, _ = _in_choice()
+    Group.objects.filter(pk=group.pk).update(phase_deadline=timezone.now() - timedelta(seconds=1))
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        try:
+            with transaction.atomic():
+                Group.objects.select_for_update().get(pk=group.pk)
+                locked.set()
+                release.wait(timeout=30)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert locked.wait(timeout=10)
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":  # waiting for the lock would fail this test, not hang it
+                cursor.execute("SET lock_timeout = '2s'")
+        assert not services.phase_close(group_id=group.pk, round_number=1, phase="pitch", reason="deadline")
+    finally:
+        release.set()
+        holder.join(timeout=30)
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+    # A job for the phase that is open takes the lock and checks again under it (here: overdue, so it closes).
+    assert services.phase_close(group_id=group.pk, round_number=1, phase="choice", reason="deadline")
+    assert gamekit.at(group) == (1, "return")
+    assert _phase_starts(group, 1, "return") == 1
 
 
 async def test_two_selectors_and_a_double_click_over_websockets() -> None:
