@@ -454,11 +454,15 @@ def _group_finish(group: Group, now: datetime) -> None:
     events.refresh_on_commit(events.group_channel(group.pk))
 
 
+def _overdue(now: datetime) -> QuerySet[Group]:
+    """Groups playing a phase whose deadline has passed (read without a lock)."""
+    return Group.objects.filter(status=Group.Status.PLAYING, phase_deadline__lte=now)
+
+
 def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, actor_id: int | None = None) -> bool:
     """Close a phase at its deadline (or at once, for ``reason="staff"``). False when it was already closed."""
-    if reason == "deadline" and not Group.objects.filter(
-            pk=group_id, status=Group.Status.PLAYING, round_number=round_number, phase=phase,
-            phase_deadline__lte=timezone.now()).exists():
+    if reason == "deadline" and not _overdue(timezone.now()).filter(
+            pk=group_id, round_number=round_number, phase=phase).exists():
         # Most deadline jobs come after the group's last decision closed the phase: a plain read tells them so,
         # without a transaction or a wait for the group's lock (held by whoever is acting in the new phase).
         # Whatever this read finds is checked again under the lock below.
@@ -482,7 +486,7 @@ def sweep(now: datetime | None = None) -> int:
     """Close every overdue phase and run the lobbies' clocks. Safe to run anywhere, any number of times."""
     now = now or timezone.now()
     closed = 0
-    due = Group.objects.filter(status=Group.Status.PLAYING, phase_deadline__lte=now).values_list("pk", "round_number", "phase")
+    due = _overdue(now).values_list("pk", "round_number", "phase")
     for group_id, round_number, phase in due:
         try:
             closed += phase_close(group_id=group_id, round_number=round_number, phase=phase, reason="deadline")

@@ -170,18 +170,19 @@ def test_a_late_deadline_job_does_not_wait_for_the_lock_of_a_group_in_its_next_p
         finally:
             connection.close()
 
+    postgres = connection.vendor == "postgresql"  # there, waiting for the lock fails this test instead of hanging it
     holder = threading.Thread(target=hold_lock)
     holder.start()
     try:
         assert locked.wait(timeout=10)
-        with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":  # waiting for the lock would fail this test, not hang it
+        if postgres:
+            with connection.cursor() as cursor:
                 cursor.execute("SET lock_timeout = '2s'")
         assert not services.phase_close(group_id=group.pk, round_number=1, phase="pitch", reason="deadline")
     finally:
         release.set()
         holder.join(timeout=30)
-        if connection.vendor == "postgresql":
+        if postgres:
             with connection.cursor() as cursor:
                 cursor.execute("RESET lock_timeout")
     # A job for the phase that is open takes the lock and checks again under it (here: overdue, so it closes).
