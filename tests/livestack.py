@@ -222,6 +222,8 @@ class LiveSeat:
         self.replies: list[dict[str, Any]] = []
         # Every distinct place the seat was shown, in order: proves which phases this client saw.
         self.seen: list[tuple[str, int | None, str | None]] = []
+        # Every frame the server sent this seat, as received.
+        self.frames: list[str] = []
 
     async def connect(self) -> LiveSeat:
         self.ws = await connect(f"ws://127.0.0.1:{self.port}/ws/play/{self.token}/",
@@ -235,7 +237,9 @@ class LiveSeat:
 
     async def _pump(self, timeout: float) -> None:
         assert self.ws is not None
-        event = json.loads(await asyncio.wait_for(self.ws.recv(), timeout=timeout))
+        frame = await asyncio.wait_for(self.ws.recv(), timeout=timeout)
+        self.frames.append(frame)
+        event = json.loads(frame)
         if event["type"] in ("state", "progress"):
             self.state = apply_event(self.state, event) if self.state else event
             if event["type"] == "state" and (not self.seen or self.seen[-1] != where(event)):

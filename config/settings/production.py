@@ -10,6 +10,7 @@ from pathlib import Path
 import dj_database_url
 
 from config.env import env_bool, env_int, env_list, env_str
+from config.isolation import deployment_prefix
 
 from .base import *  # noqa: F403
 from .base import BASE_DIR
@@ -26,6 +27,11 @@ DATABASES = {
 }
 
 REDIS_URL = env_str("REDIS_URL")
+# Every channel and key this deployment uses in Redis starts with this prefix, so that deployments sharing
+# a Redis server (any db numbers: Pub/Sub ignores them) never see each other's messages (config/isolation.py).
+PARTNERLAB_CHANNEL_PREFIX = deployment_prefix(
+    database_name=str(DATABASES["default"].get("NAME") or ""), redis_url=REDIS_URL, secret_key=SECRET_KEY,
+    explicit=env_str("PARTNERLAB_CHANNEL_PREFIX", ""))
 CHANNEL_LAYERS = {
     "default": {
         # Redis Pub/Sub: a broadcast is one PUBLISH, and each web process receives it once, on one subscribed
@@ -35,12 +41,14 @@ CHANNEL_LAYERS = {
         # layer keeps a message for a process that is not connected: clients resynchronise from a full state
         # when they reconnect, and the truth is in PostgreSQL.
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}]},
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15}], "prefix": PARTNERLAB_CHANNEL_PREFIX},
     }
 }
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600}
+# global_keyprefix: kombu prefixes every key (queues, unacked messages, bindings) and every Pub/Sub channel
+# (control broadcasts) of the broker with it.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600, "global_keyprefix": f"{PARTNERLAB_CHANNEL_PREFIX}:"}
 PARTNERLAB_SCHEDULER = "celery"
 # Optional: send LLM turns to a queue of their own (docs/deployment.md), served by a worker with a thread
 # pool, so that slow models never hold the slots that close phases. Unset: everything on Celery's default

@@ -57,13 +57,13 @@ def _redis_url() -> str:
 
 
 def _production_env(**extra: str) -> dict[str, str]:
-    return clean_env(
-        DJANGO_SETTINGS_MODULE="config.settings.production",
-        DJANGO_SECRET_KEY="prodstack-" + secrets.token_urlsafe(48),
-        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
-        DJANGO_SECURE_SSL_REDIRECT="0",
+    return clean_env(**{
+        "DJANGO_SETTINGS_MODULE": "config.settings.production",
+        "DJANGO_SECRET_KEY": "prodstack-" + secrets.token_urlsafe(48),
+        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
         **extra,
-    )
+    })
 
 
 @pytest.fixture(scope="module")
