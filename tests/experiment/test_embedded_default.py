@@ -172,6 +172,8 @@ def test_make_run_then_one_person_plays_the_demo_alone(embedded: Embedded) -> No
     server = embedded.make_run()
     link = server.wait_for_log(r"Participant link: +(\S+)", timeout=START_SECONDS).group(1)
     admin = server.wait_for_log(r"Admin: +(\S+) +user: admin +password: (\S+)", timeout=5)
+    assert "ready on the embedded default (SQLite, no other servers)" in server.log()
+    server.wait_for_log(r"Demo session: +id \d+ \(manage.py export --session \d+ --out DIR\)", timeout=5)
     server.wait_for_http(embedded.port, timeout=START_SECONDS)
     assert admin.group(1) == f"http://127.0.0.1:{embedded.port}/admin/"
     assert _admin_login_works(embedded.port, admin.group(2))

@@ -83,6 +83,10 @@ class Deployment:
 
     def prepare(self) -> None:
         self.manage("migrate", "--noinput", "-v0")
+        # What the operator is told is what runs here, not the embedded default (issue 23), with the session id.
+        told = self.manage("demo_setup", "--base-url", f"http://127.0.0.1:{self.web_ports[0]}")
+        assert f"ready on postgresql database {self.database}, Redis (channel prefix {self.prefix}), scheduler celery" in told, told
+        assert "embedded default" not in told and re.search(r"Demo session: +id \d+ \(manage.py export --session \d+", told), told
         out = self.manage("shell", "-c", _SETUP.format(name=f"Study {self.name}", slug=f"study-{self.name.lower()}"))
         self.session = json.loads(out.strip().splitlines()[-1])
 

@@ -6,6 +6,7 @@ import secrets
 from pathlib import Path
 
 from django.conf import settings
+from django.db import connection
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
@@ -36,8 +37,21 @@ class Command(BaseCommand):
             Condition.objects.create(experiment=experiment, name="disclosed", disclose_identity=True)
         session = experiment.sessions.filter(label="demo").first() or Session.objects.create(
             experiment=experiment, label="demo", capacity=1000, synthetic_fill_after=10)
-        self.stdout.write(self.style.SUCCESS("PartnerLab is ready on the embedded default (SQLite, no other servers)."))
+        self.stdout.write(self.style.SUCCESS(f"PartnerLab is ready on {_stack()}."))
         self.stdout.write(f"  Admin:            {base_url}/admin/   user: admin   password: {password}")
         self.stdout.write(f"  Participant link: {base_url}/join/{session.code}/")
+        self.stdout.write(f"  Demo session:     id {session.pk} (manage.py export --session {session.pk} --out DIR)")
         self.stdout.write("  Open the participant link alone: after 10 s in the lobby synthetic participants fill the group.")
         self.stdout.write("  Open it in two browsers within 10 s to play in the same group.")
+
+
+def _stack() -> str:
+    """What this process runs on, read from the settings in force (not assumed)."""
+    layer = settings.CHANNEL_LAYERS["default"]
+    if connection.vendor == "sqlite" and layer["BACKEND"].endswith("InMemoryChannelLayer"):
+        return "the embedded default (SQLite, no other servers)"
+    database = f"{connection.vendor} database {connection.settings_dict['NAME']!s}"
+    prefix = layer.get("CONFIG", {}).get("prefix")
+    channels = "an in-memory channel layer" if layer["BACKEND"].endswith("InMemoryChannelLayer") else (
+        "Redis" + (f" (channel prefix {prefix})" if prefix else ""))
+    return f"{database}, {channels}, scheduler {settings.PARTNERLAB_SCHEDULER}"
