@@ -41,3 +41,9 @@ def production_services():
     """Fails (never skips) in CI when PostgreSQL/Redis are missing; test settings already enforce it."""
     if not settings.PRODUCTION_SERVICES:
         pytest.skip("PostgreSQL/Redis not reachable on this machine (CI requires them)")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-protocol-examples", action="store_true",
+                     help="write the JSON examples of docs/protocol.md from a fresh capture "
+                          "(tests/experiment/test_protocol_examples.py)")
