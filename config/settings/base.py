@@ -33,6 +33,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "experiment.busy.BusyMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -116,8 +117,8 @@ PARTNERLAB_WEB_SWITCH_INTERVAL = float(env_str("PARTNERLAB_WEB_SWITCH_INTERVAL",
 PARTNERLAB_WEB_VIEW_THREADS = env_int("PARTNERLAB_WEB_VIEW_THREADS", 2)
 
 CELERY_TASK_ACKS_LATE = True
-# Workers keep their database connections between tasks (config/celery.py closes them as Django does after a
-# request: when unusable or older than CONN_MAX_AGE). Celery's own fix-up would close them every N*2 task
+# Workers keep their database connections between tasks (config/celery.py hands them back as Django does after
+# a request: to the pool in production, or when unusable or older than CONN_MAX_AGE). Celery's own fix-up would close them every N*2 task
 # signals only; without this setting, around every task.
 CELERY_DB_REUSE_MAX = 1_000_000
 CELERY_TASK_REJECT_ON_WORKER_LOST = True

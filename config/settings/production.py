@@ -20,10 +20,20 @@ SECRET_KEY = env_str("DJANGO_SECRET_KEY")  # raises ImproperlyConfigured when mi
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
-DATABASES = {
-    "default": dj_database_url.parse(
-        env_str("DATABASE_URL"), conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True
-    )
+# Connections come from a bounded pool per process (psycopg-pool, which Django 5.2 supports natively), not
+# one per thread: Django's async handler runs each HTTP request in a thread of its own, so per-thread
+# connections grew with a launch burst until PostgreSQL refused new clients ("too many clients already",
+# HTTP 500 for the people arriving). A request that finds the pool empty waits up to DB_POOL_TIMEOUT
+# seconds for a connection; only then does it get the "study is busy" page (experiment/busy.py), which
+# retries by itself. Budget: every process holds at most DB_POOL_MAX_SIZE connections
+# (docs/deployment.md, "Database connections"). Pooling replaces CONN_MAX_AGE (Django refuses both).
+DB_POOL_MAX_SIZE = env_int("DB_POOL_MAX_SIZE", 8)
+DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL"), conn_max_age=0, conn_health_checks=True)}
+DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    "min_size": min(env_int("DB_POOL_MIN_SIZE", 2), DB_POOL_MAX_SIZE),
+    "max_size": DB_POOL_MAX_SIZE,
+    "timeout": float(env_str("DB_POOL_TIMEOUT", "10")),
+    "name": "partnerlab",
 }
 
 REDIS_URL = env_str("REDIS_URL")
