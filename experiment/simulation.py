@@ -3,7 +3,18 @@
 A :class:`SimClient` does what a browser does: it opens the join link over HTTP
 (``GET /join/<code>/?PROLIFIC_PID=…``), follows the redirect to ``/play/<token>/``, opens the
 websocket ``/ws/play/<token>/`` and speaks the participant protocol (``experiment/events.py``,
-``docs/protocol.md``) from consent to the end page. *What* it sends, and after how long, is decided by
+``docs/protocol.md``) from consent to the end page.
+
+It also does what the pages do when the server is short of database connections (``experiment/busy.py``):
+an HTTP ``503`` with ``Retry-After`` (the "study is busy" page) is asked again, same URL and so the same
+``PROLIFIC_PID``, after that many seconds (at most ``busy_max_wait`` per wait, ``busy_tries`` answers per
+page); a websocket that closes before the end (``4503``, "busy", or any other drop) is opened again with
+the game page's backoff (half to all of min(15 s, 0.5 s × 2^n), n counting the retries since the last
+connection that brought a state; at most ``ws_tries`` in a row). Every HTTP answer and every websocket
+connection is recorded in the client's report (:class:`HttpAttempt`, :class:`WsAttempt`). A busy answer
+is not an error; any other 5xx is (``http_5xx``), and so is every drop of the websocket other than a
+busy close (``closed``), even when the reconnection succeeds. A client that runs out of tries records
+``gave_up``. *What* it sends, and after how long, is decided by
 :class:`bots.synthetic.SyntheticHuman` (the one copy of synthetic behaviour); this module never
 makes a decision of its own.
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import email.utils
 import http.client
 import json
 import logging
@@ -41,7 +53,7 @@ from typing import Any
 
 import h11
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Origin
 
 from bots.synthetic import SyntheticHuman, SyntheticParams
@@ -56,6 +68,15 @@ GAME_ACTIONS = frozenset({"pitch.submit", "choice.submit", "return.submit", "bel
 STAGE_SECONDS = 120.0
 SERVER_ENV = "PARTNERLAB_SIMULATION_SERVER"
 HTTP_TIMEOUT = 30.0
+# Busy answers (experiment/busy.py, docs/protocol.md): what the browser's busy page and game page do.
+BUSY_CLOSE_CODE = 4503  # websocket close code: the server had no database connection, try again later
+PERMANENT_CLOSE_CODES = frozenset({4403, 4404})  # the page gives up: the seat is not (or no longer) this browser's
+BUSY_TRIES = 12  # HTTP answers per page (the first included) before a client gives up, while they are busy 503s
+BUSY_MAX_WAIT = 30.0  # longest wait for one Retry-After, seconds
+WS_TRIES = 10  # websocket connections in a row that bring no state before a client gives up
+RETRY_FIRST = 0.5  # the game page's reconnection backoff (static/experiment/play.js), seconds
+RETRY_MAX = 15.0
+REDIRECTS = frozenset({301, 302, 303, 307})
 
 
 class SimulationError(RuntimeError):
@@ -94,6 +115,42 @@ class PhaseRecord:
 
 
 @dataclass
+class HttpAttempt:
+    """One HTTP request of a client (the join link or the game page) and its answer."""
+
+    page: str  # "join" or "play"
+    at: float  # epoch seconds when it was sent
+    status: int = 0  # 0: no answer (connection refused, reset, timed out: see ``error``)
+    seconds: float | None = None  # until the answer
+    retry_after: float | None = None  # a 503's Retry-After, seconds (None: absent, unreadable or not a 503)
+    waited: float = 0.0  # how long the client then waited before asking again
+    error: str = ""
+
+    @property
+    def busy(self) -> bool:
+        """The server's "study is busy, try again" answer: 503 with Retry-After."""
+        return self.status == 503 and self.retry_after is not None
+
+
+@dataclass
+class WsAttempt:
+    """One websocket connection of a client, from opening it to its close."""
+
+    at: float  # epoch seconds when it was opened
+    opened: bool = False  # the handshake succeeded
+    got_state: bool = False  # it brought at least one state (the page counts only that as being back)
+    close_code: int | None = None  # the server's close code (1006: dropped without one); None: we closed it, or never opened
+    status: int | None = None  # the handshake's HTTP status when the server refused it
+    retry_after: float | None = None  # a refused handshake's 503 Retry-After
+    waited: float = 0.0  # how long the client then waited before the next connection
+    error: str = ""
+
+    @property
+    def busy(self) -> bool:
+        return self.close_code == BUSY_CLOSE_CODE or (self.status == 503 and self.retry_after is not None)
+
+
+@dataclass
 class ClientReport:
     index: int
     token: str = ""
@@ -106,10 +163,18 @@ class ClientReport:
     actions: list[ActionRecord] = field(default_factory=list)
     phases: list[PhaseRecord] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)  # {"code", "message"}
+    http: list[HttpAttempt] = field(default_factory=list)  # every HTTP answer, retries included
+    ws: list[WsAttempt] = field(default_factory=list)  # every websocket connection, reconnections included
+    gave_up: str = ""  # why the client stopped trying ("" unless it ran out of tries)
 
     @property
     def completed(self) -> bool:
         return self.stage in END_STAGES
+
+    @property
+    def busy_answers(self) -> int:
+        """Busy answers this client got and retried: HTTP 503s with Retry-After and websocket busy closes."""
+        return sum(h.busy for h in self.http) + sum(w.busy for w in self.ws)
 
     def error(self, code: str, message: str) -> None:
         self.errors.append({"code": code, "message": message})
@@ -152,6 +217,30 @@ async def http_get(url: str, *, cookie: str = "") -> tuple[int, list[tuple[str, 
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP date); None if absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def reconnect_delay(retry: int, random: float) -> float:
+    """Seconds before reconnection number ``retry`` (from 0) of a row, as the game page waits; ``random`` in [0, 1)."""
+    ceiling = min(RETRY_MAX, RETRY_FIRST * 2 ** min(retry, 30))
+    return ceiling / 2 + random * ceiling / 2
+
+
+def _error_code(status: int) -> str:
+    return "http_5xx" if status >= 500 else "join"
 
 
 def _cookie_of(headers: list[tuple[str, str]]) -> str:
@@ -198,9 +287,11 @@ class SimClient:
 
     def __init__(self, *, index: int, base_url: str, code: str, human: SyntheticHuman, seed: int,
                  rng_group: Hashable, gate: ArrivalGate | None = None, lobby_actions: frozenset[str] = frozenset(),
-                 ack_timeout: float = 30.0) -> None:
+                 ack_timeout: float = 30.0, busy_tries: int = BUSY_TRIES, busy_max_wait: float = BUSY_MAX_WAIT,
+                 ws_tries: int = WS_TRIES) -> None:
         self.index, self.base_url, self.code, self.human, self.seed = index, base_url.rstrip("/"), code, human, seed
         self.rng_group, self.gate, self.lobby_actions, self.ack_timeout = rng_group, gate, lobby_actions, ack_timeout
+        self.busy_tries, self.busy_max_wait, self.ws_tries = max(1, busy_tries), max(0.0, busy_max_wait), max(1, ws_tries)
         self.report = ClientReport(index=index)
         self.state: dict[str, Any] = {}
         self._changed = asyncio.Event()
@@ -209,13 +300,14 @@ class SimClient:
         self._refs = 0
         self._last_deadline: float | None = None
         self._seen_phases: set[tuple[int, str]] = set()
+        self._states = 0  # states received, over all connections
 
     # -- entry point ------------------------------------------------------------------------------
 
     async def run(self) -> ClientReport:
         try:
-            play_url, cookie = await self._join()
-            await self._play(play_url, cookie)
+            cookie = await self._join()
+            await self._play(cookie)
         except asyncio.CancelledError:
             self.report.error("time_limit", f"still at {self.report.stage or 'joining'} when the run's time limit was reached")
             raise
@@ -230,39 +322,118 @@ class SimClient:
 
     # -- HTTP --------------------------------------------------------------------------------------
 
-    async def _join(self) -> tuple[str, str]:
+    async def _join(self) -> str:
+        """The join link and the game page; returns the seat's cookie."""
         query = urllib.parse.urlencode({"PROLIFIC_PID": f"SIM{self.seed % 10**8}x{self.index}",
                                         "STUDY_ID": "simulation", "SESSION_ID": f"sim{self.index}"})
-        status, headers, body = await http_get(f"{self.base_url}/join/{self.code}/?{query}")
+        status, headers, body = await self._get("join", f"{self.base_url}/join/{self.code}/?{query}")
         location = dict(headers).get("location", "")
-        if status not in (301, 302, 303, 307) or "/play/" not in location:
+        if status not in REDIRECTS or "/play/" not in location:
             raise SimulationError(f"join: HTTP {status} instead of a redirect to the game page: {body[:200]!r}",
-                                  code="join")
+                                  code=_error_code(status))
         cookie = _cookie_of(headers)
         play_url = urllib.parse.urljoin(f"{self.base_url}/", location)
-        status, _, body = await http_get(play_url, cookie=cookie)
+        status, _, body = await self._get("play", play_url, cookie=cookie)
         if status != 200:
-            raise SimulationError(f"game page: HTTP {status}: {body[:200]!r}", code="join")
+            raise SimulationError(f"game page: HTTP {status}: {body[:200]!r}", code=_error_code(status))
         self.report.token = urllib.parse.urlsplit(play_url).path.rstrip("/").rsplit("/", 1)[-1]
         self.report.joined_at = time.time()
-        return play_url, cookie
+        return cookie
+
+    async def _get(self, page: str, url: str, *, cookie: str = "") -> tuple[int, list[tuple[str, str]], bytes]:
+        """GET ``url`` as the browser does, busy page included: a 503 with Retry-After is asked again, the
+        same URL, after that long (at most ``busy_max_wait``), up to ``busy_tries`` answers in all."""
+        for tries in range(1, self.busy_tries + 1):
+            record = HttpAttempt(page=page, at=time.time())
+            self.report.http.append(record)
+            started = time.perf_counter()
+            try:
+                status, headers, body = await http_get(url, cookie=cookie)
+            except BaseException as exc:
+                record.error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                record.seconds = time.perf_counter() - started
+            record.status = status
+            if status == 503:
+                record.retry_after = parse_retry_after(dict(headers).get("retry-after"))
+            if not record.busy:
+                return status, headers, body
+            if tries < self.busy_tries:
+                record.waited = min(record.retry_after or 0.0, self.busy_max_wait)
+                await asyncio.sleep(record.waited)
+        self.report.gave_up = f"{page}: still busy after {self.busy_tries} answers"
+        raise SimulationError(f"{page}: HTTP 503 (busy) {self.busy_tries} times in a row; gave up", code="gave_up")
 
     # -- websocket ---------------------------------------------------------------------------------
 
-    async def _play(self, play_url: str, cookie: str) -> None:
+    async def _play(self, cookie: str) -> None:
+        """Websocket connections until the end page: a connection that closes before it is opened again
+        with the game page's backoff (a busy answer's Retry-After, when it gave one)."""
         parts = urllib.parse.urlsplit(self.base_url)
         ws_url = urllib.parse.urlunsplit(("wss" if parts.scheme == "https" else "ws", parts.netloc,
                                           f"{parts.path}/ws/play/{self.report.token}/", "", ""))
-        async with connect(ws_url, origin=Origin(f"{parts.scheme}://{parts.netloc}"),
-                           additional_headers={"Cookie": cookie} if cookie else None,
-                           user_agent_header="PartnerLab-simulation", open_timeout=30, proxy=None) as ws:
-            reader = asyncio.create_task(self._read(ws))
+        jitter = seeded_rng(self.seed, "reconnect", self.index)  # timing only: decisions have their own streams
+        retries = 0  # reconnections since the last connection that brought a state
+        while True:
+            attempt = WsAttempt(at=time.time())
+            self.report.ws.append(attempt)
+            wait: float | None = None  # None: the backoff
+            states = self._states
             try:
-                await self._act(ws)
-            finally:
-                reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                async with connect(ws_url, origin=Origin(f"{parts.scheme}://{parts.netloc}"),
+                                   additional_headers={"Cookie": cookie} if cookie else None,
+                                   user_agent_header="PartnerLab-simulation", open_timeout=30, proxy=None) as ws:
+                    attempt.opened = True
+                    await self._connection(ws)
+                    attempt.close_code = ws.close_code  # None when we are the ones closing (the end)
+            except InvalidStatus as exc:
+                status = attempt.status = exc.response.status_code
+                attempt.error = f"handshake: HTTP {status}"
+                if status == 503:
+                    attempt.retry_after = parse_retry_after(exc.response.headers.get("Retry-After"))
+                if attempt.busy:
+                    wait = min(attempt.retry_after or 0.0, self.busy_max_wait)
+                elif status in (403, 404):  # how an ASGI server passes on a close before the accept (4404)
+                    raise SimulationError(f"the server refused the websocket: HTTP {status}", code="closed") from None
+                else:
+                    self.report.error("http_5xx" if status >= 500 else "ws_open",
+                                      f"websocket handshake: HTTP {status}; reconnecting")
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                attempt.error = f"{type(exc).__name__}: {exc}"
+                self.report.error("ws_open", f"websocket: {attempt.error}; reconnecting")
+            attempt.got_state = self._states > states
+            if self.report.stage in END_STAGES:
+                return
+            code = attempt.close_code
+            if code in PERMANENT_CLOSE_CODES:
+                raise SimulationError(f"the server closed the websocket with {code} (last stage: "
+                                      f"{self.report.stage or 'none'})", code="closed")
+            if attempt.opened and code != BUSY_CLOSE_CODE:
+                self.report.error("closed", f"the server closed the websocket ({code}) at stage "
+                                            f"{self.report.stage or 'none'}; reconnecting")
+            if attempt.got_state:
+                retries = 0
+            if retries >= self.ws_tries:
+                self.report.gave_up = f"websocket: no state in {self.ws_tries} connections in a row"
+                raise SimulationError(f"the websocket brought no state in {self.ws_tries} connections in a row "
+                                      f"(last: {attempt.error or code}); gave up", code="gave_up")
+            attempt.waited = wait if wait is not None else reconnect_delay(retries, jitter.random())
+            retries += 1
+            await asyncio.sleep(attempt.waited)
+
+    async def _connection(self, ws: ClientConnection) -> None:
+        """One connection: read and act until the end page or until it closes."""
+        self._closed = False
+        self._changed.clear()
+        self._replies = {}
+        reader = asyncio.create_task(self._read(ws))
+        try:
+            await self._act(ws)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
     async def _read(self, ws: ClientConnection) -> None:
         try:
@@ -273,6 +444,7 @@ class SimClient:
                 if kind in ("state", "progress"):
                     self.state = apply_event(self.state, event) if self.state else event
                     if kind == "state":
+                        self._states += 1
                         self._saw_state(event, received)
                     self._changed.set()
                 elif kind in ("ack", "error"):
@@ -331,10 +503,7 @@ class SimClient:
             await self._changed.wait()
             self._changed.clear()
             if self._closed:
-                if self.report.stage not in END_STAGES:
-                    raise SimulationError(f"the server closed the websocket (last stage: {self.report.stage or 'none'})",
-                                          code="closed")
-                return
+                return  # the end page, or a lost connection: _play decides
             stage = self.state.get("stage", "")
             if self.gate is not None and stage in ("lobby", "playing", *END_STAGES):
                 self.gate.arrived(self.index)
@@ -374,9 +543,15 @@ class SimClient:
                               round=task[1] if task[0] == "game" else None, phase=task[2] if task[0] == "game" else "")
         self.report.actions.append(record)
         started = time.perf_counter()
-        await ws.send(json.dumps({**message, "ref": ref}))
         try:
+            await ws.send(json.dumps({**message, "ref": ref}))
             reply = await asyncio.wait_for(future, self.ack_timeout)
+        except (ConnectionClosed, ConnectionError):
+            # The connection went away first: the page would leave it to the state of the next connection
+            # (which says whether the server got it). The drop itself is counted once, by _play.
+            self._replies.pop(ref, None)
+            record.error = "disconnected"
+            return
         except TimeoutError:
             self._replies.pop(ref, None)
             record.error = "no_reply"
@@ -392,17 +567,21 @@ class SimClient:
 
 async def run_clients(*, base_url: str, code: str, count: int, human: SyntheticHuman, seed: int, group_size: int,
                       ordered: bool, lobby_actions: frozenset[str] = frozenset({"quiz.submit"}),
-                      ramp_seconds: float = 0.0, time_limit: float, ack_timeout: float = 30.0) -> list[ClientReport]:
+                      ramp_seconds: float = 0.0, time_limit: float, ack_timeout: float = 30.0,
+                      busy_tries: int = BUSY_TRIES, busy_max_wait: float = BUSY_MAX_WAIT,
+                      ws_tries: int = WS_TRIES) -> list[ClientReport]:
     """Run ``count`` clients concurrently until all reach the end or ``time_limit`` seconds pass.
 
     ``ordered``: groups fill in client order (reproducible runs; see :class:`ArrivalGate`).
     ``lobby_actions``: the message types whose acceptance puts a participant in the lobby.
     ``ramp_seconds``: arrivals are spread over this long (as people arrive), client ``i`` at ``i/count`` of it.
+    ``busy_tries``, ``busy_max_wait``, ``ws_tries``: how long a client keeps trying (see :class:`SimClient`).
     """
     gate = ArrivalGate(clients=count, batch=group_size) if ordered else None
     clients = [SimClient(index=i, base_url=base_url, code=code, human=human, seed=seed,
                          rng_group=i // group_size if ordered else i, gate=gate, lobby_actions=lobby_actions,
-                         ack_timeout=ack_timeout) for i in range(count)]
+                         ack_timeout=ack_timeout, busy_tries=busy_tries, busy_max_wait=busy_max_wait,
+                         ws_tries=ws_tries) for i in range(count)]
 
     async def arrive(client: SimClient) -> ClientReport:
         await asyncio.sleep(ramp_seconds * client.index / max(1, count))
@@ -486,6 +665,51 @@ def summarize(reports: Sequence[ClientReport], *, group_of: Mapping[str, Hashabl
         # The slowest client's share of "phase_change_ms": until its view was built, and from then to it.
         "phase_change_to_view_ms": percentiles(phases["to_view"]),
         "phase_change_view_to_client_ms": percentiles(phases["view_to_client"]),
+        **connection_summary(reports, group_of=group_of),
+    }
+
+
+def _status_key(status: int) -> str:
+    return str(status) if status else "no answer"
+
+
+def connection_summary(reports: Sequence[ClientReport], *, group_of: Mapping[str, Hashable | None]) -> dict[str, Any]:
+    """Every HTTP answer by status, busy answers and what became of the clients that got them, reconnections.
+
+    ``group_of`` maps a seat's token to its group (None: not placed in one).
+    """
+    by_page: dict[str, Counter[str]] = {"join": Counter(), "play": Counter()}
+    for r in reports:
+        for h in r.http:
+            by_page.setdefault(h.page, Counter())[_status_key(h.status)] += 1
+    total: Counter[str] = Counter()
+    for counts in by_page.values():
+        total.update(counts)
+    busy = [r for r in reports if r.busy_answers]
+    placed = [r for r in busy if group_of.get(r.token) is not None]
+    closes = Counter(str(w.close_code) for r in reports for w in r.ws if w.opened and w.close_code is not None)
+    return {
+        "http_status": dict(sorted(total.items())),
+        "http_status_by_page": {page: dict(sorted(c.items())) for page, c in by_page.items()},
+        # Answers that count as errors: every 5xx except the busy page (503 with Retry-After).
+        "http_5xx": sum(h.status >= 500 and not h.busy for r in reports for h in r.http),
+        "busy": {
+            "http_503": sum(h.busy for r in reports for h in r.http),
+            "websocket": sum(w.busy for r in reports for w in r.ws),
+            "clients": len(busy),
+            "clients_placed": len(placed),  # got busy answers, retried, and got a seat in a group
+            "clients_lost": len(busy) - len(placed),
+            "longest_wait_s": round(max((sum(h.waited for h in r.http if h.busy) + sum(w.waited for w in r.ws if w.busy)
+                                         for r in busy), default=0.0), 1),
+        },
+        "websocket": {
+            "connections": sum(len(r.ws) for r in reports),
+            "reconnections": sum(max(0, len(r.ws) - 1) for r in reports),
+            "failed_to_open": sum(not w.opened for r in reports for w in r.ws),
+            "closed_by_server": dict(sorted(closes.items())),  # close code → count, before the client's end
+        },
+        "never_seated": sum(not r.token for r in reports),  # never got past the join link and the game page
+        "gave_up": sum(bool(r.gave_up) for r in reports),
     }
 
 

@@ -4,12 +4,15 @@ websockets; nothing here writes a decision into the database directly."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -145,6 +148,196 @@ def test_load_benchmark_machinery(production_services) -> None:
     assert report["stored"]["choices"] == 2 * 3 and report["stored"]["messages"] == 2 * 4
     assert report["ack_ms"]["n"] >= 10 * 4 and report["phase_change_ms"]["n"] > 0
     assert report["cpu"]["uvicorn_cores"] > 0 and report["cpu"]["celery_cores"] > 0
+    # Every answer of the join link and the game page by status; busy answers only if the pool ran short.
+    assert report["http_status_by_page"]["join"].get("302") == 10 and report["http_status_by_page"]["play"].get("200") == 10
+    assert report["http_5xx"] == 0 and report["never_seated"] == 0 and report["gave_up"] == 0 and report["unplaced"] == 0
+    assert report["busy"]["clients_lost"] == 0
+    db = report["resources"]["db_connections"]
+    assert db["database"] == database and db["peak"] > 0 and db["samples"] > 0 and db["max_connections"] > 0
+    assert set(report["limits"]) == {"cpu", "db_connections", "redis", "event_loop", "load_generator", "server_errors"}
+    assert report["resources"]["healthz_ms"]["n"] > 0
+    assert report["target_met"] == (report["target_missed"] == []) == (done.returncode == 0)
     # It cleaned up after itself.
     with psycopg.connect("postgres://postgres@127.0.0.1:5432/postgres") as conn:
         assert conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone() is None
+
+
+# ---- the client's busy and reconnection behaviour, against a tiny real server ------------------------------------
+
+class TinyServer:
+    """A real HTTP and websocket server on 127.0.0.1 that plays a script: the answers to the join link and the
+    game page in order (the last one repeats), and what each websocket connection does in order. It records
+    every request it got, so the tests see what the client actually sent and when."""
+
+    def __init__(self, *, join: list[tuple], play: list[tuple], ws: list[tuple]) -> None:
+        self.script = {"join": join, "play": play}
+        self.ws_script = ws
+        self.requests: list[tuple[float, str, str, str]] = []  # (monotonic, page, target, cookie)
+        self.connections = 0
+
+    def _http(self, connection, request):
+        page = "join" if request.path.startswith("/join/") else "play" if request.path.startswith("/play/") else None
+        if page is None:
+            return None  # the websocket: go on with the handshake
+        self.requests.append((time.monotonic(), page, request.path, request.headers.get("Cookie", "")))
+        answers = self.script[page]
+        status, headers = answers[min(sum(r[1] == page for r in self.requests), len(answers)) - 1]
+        response = connection.respond(status, "ok" if status == 200 else f"answer {status}")
+        for name, value in headers.items():
+            response.headers[name] = value
+        return response
+
+    async def _handler(self, connection) -> None:
+        self.connections += 1
+        steps = self.ws_script[min(self.connections, len(self.ws_script)) - 1]
+        for step in steps:
+            if isinstance(step, int):
+                await connection.close(code=step)
+                return
+            await connection.send(json.dumps(step))
+        await connection.wait_closed()
+
+    @contextlib.asynccontextmanager
+    async def running(self):
+        from websockets.asyncio.server import serve
+
+        async with serve(self._handler, "127.0.0.1", 0, process_request=self._http) as server:
+            port = server.sockets[0].getsockname()[1]
+            yield f"http://127.0.0.1:{port}"
+
+
+def _state(stage: str, version: int) -> dict:
+    return {"type": "state", "version": version, "stage": stage, "me": {"seat": "S1", "role": "selector"}, "game": None}
+
+
+REDIRECT = (302, {"Location": "/play/tok1/", "Set-Cookie": "partnerlab_seat=abc; Path=/; HttpOnly"})
+GAME_PAGE = (200, {})
+FINISHED = [_state("finished", 1)]
+
+
+async def _client(url: str, **options):
+    from bots.synthetic import SyntheticHuman
+    from experiment.simulation import SimClient
+
+    client = SimClient(index=3, base_url=url, code="CODE", human=SyntheticHuman(), seed=5, rng_group=3, **options)
+    return await asyncio.wait_for(client.run(), 30)
+
+
+async def test_client_waits_retry_after_on_a_busy_answer_and_asks_the_same_url_again() -> None:
+    from experiment.simulation import BUSY_CLOSE_CODE, connection_summary
+
+    server = TinyServer(join=[(503, {"Retry-After": "1"}), REDIRECT], play=[(503, {"Retry-After": "0"}), GAME_PAGE],
+                        ws=[[BUSY_CLOSE_CODE], FINISHED])
+    async with server.running() as url:
+        report = await _client(url)
+
+    assert report.errors == [] and report.stage == "finished" and report.gave_up == ""
+    assert [(h.page, h.status, h.retry_after) for h in report.http] == [
+        ("join", 503, 1.0), ("join", 302, None), ("play", 503, 0.0), ("play", 200, None)]
+    joins = [r for r in server.requests if r[1] == "join"]
+    assert joins[0][2] == joins[1][2] and "PROLIFIC_PID=SIM5x3" in joins[0][2]  # the same URL, the same person
+    assert joins[1][0] - joins[0][0] >= 0.95  # it waited as long as Retry-After said
+    assert report.http[0].waited == 1.0
+    plays = [r for r in server.requests if r[1] == "play"]
+    assert len(plays) == 2 and all("partnerlab_seat=abc" in r[3] for r in plays)  # with the seat's cookie, both times
+    # The websocket's busy close is retried with the page's backoff (first retry: 0.25-0.5 s) and is no error.
+    assert [(w.opened, w.close_code, w.busy, w.got_state) for w in report.ws] == [
+        (True, BUSY_CLOSE_CODE, True, False), (True, None, False, True)]
+    assert 0.25 <= report.ws[0].waited <= 0.5
+    assert report.busy_answers == 3 and report.token == "tok1"
+
+    summary = connection_summary([report], group_of={"tok1": 7})
+    assert summary["http_status"] == {"200": 1, "302": 1, "503": 2}
+    assert summary["http_status_by_page"] == {"join": {"302": 1, "503": 1}, "play": {"200": 1, "503": 1}}
+    assert summary["http_5xx"] == 0 and summary["never_seated"] == 0 and summary["gave_up"] == 0
+    assert summary["busy"] | {"longest_wait_s": None} == {"http_503": 2, "websocket": 1, "clients": 1, "clients_placed": 1,
+                                                          "clients_lost": 0, "longest_wait_s": None}
+    assert summary["websocket"]["reconnections"] == 1
+    assert connection_summary([report], group_of={"tok1": None})["busy"]["clients_lost"] == 1  # joined, never placed
+
+
+async def test_a_500_or_a_503_without_retry_after_is_an_error_and_not_retried() -> None:
+    from experiment.simulation import connection_summary
+
+    for answer in [(500, {}), (503, {})]:
+        server = TinyServer(join=[answer, REDIRECT], play=[GAME_PAGE], ws=[FINISHED])
+        async with server.running() as url:
+            report = await _client(url)
+        assert [e["code"] for e in report.errors] == ["http_5xx"], report.errors
+        assert [h.status for h in report.http] == [answer[0]] and len(server.requests) == 1
+        summary = connection_summary([report], group_of={})
+        assert summary["http_5xx"] == 1 and summary["never_seated"] == 1 and summary["busy"]["clients"] == 0
+
+
+async def test_client_gives_up_after_its_tries_and_caps_each_wait() -> None:
+    from experiment.simulation import connection_summary
+
+    server = TinyServer(join=[(503, {"Retry-After": "120"})], play=[GAME_PAGE], ws=[FINISHED])
+    async with server.running() as url:
+        started = time.monotonic()
+        report = await _client(url, busy_tries=3, busy_max_wait=0.1)
+        took = time.monotonic() - started
+
+    assert took < 5 and len(server.requests) == 3
+    assert [h.waited for h in report.http] == [0.1, 0.1, 0.0]
+    assert [e["code"] for e in report.errors] == ["gave_up"] and report.gave_up.startswith("join:")
+    summary = connection_summary([report], group_of={})
+    assert summary["busy"]["clients_lost"] == 1 and summary["gave_up"] == 1 and summary["never_seated"] == 1
+
+
+async def test_a_dropped_websocket_is_an_error_and_is_reconnected() -> None:
+    server = TinyServer(join=[REDIRECT], play=[GAME_PAGE], ws=[[_state("lobby", 1), 1011], [_state("finished", 2)]])
+    async with server.running() as url:
+        report = await _client(url)
+
+    assert report.stage == "finished" and report.gave_up == ""
+    assert [e["code"] for e in report.errors] == ["closed"] and "1011" in report.errors[0]["message"]
+    # It had a state before the drop, so the backoff starts afresh: 0.25-0.5 s.
+    assert [(w.close_code, w.got_state) for w in report.ws] == [(1011, True), (None, True)]
+    assert 0.25 <= report.ws[0].waited <= 0.5 and report.busy_answers == 0
+
+
+async def test_a_websocket_that_stays_busy_is_given_up_after_its_tries() -> None:
+    from experiment.simulation import BUSY_CLOSE_CODE
+
+    server = TinyServer(join=[REDIRECT], play=[GAME_PAGE], ws=[[BUSY_CLOSE_CODE]])
+    async with server.running() as url:
+        report = await _client(url, ws_tries=3)
+
+    assert [e["code"] for e in report.errors] == ["gave_up"] and report.gave_up.startswith("websocket:")
+    assert server.connections == 4 and all(w.busy for w in report.ws)  # the first and 3 retries
+    # The backoff grows: half to all of 0.5, 1 and 2 s.
+    assert [w.waited for w in report.ws[:3]] == sorted(w.waited for w in report.ws[:3])
+    assert 1.0 <= report.ws[2].waited <= 2.0 and report.ws[3].waited == 0.0
+
+
+def test_retry_after_is_read_as_seconds_or_as_a_date() -> None:
+    from email.utils import formatdate
+
+    from experiment.simulation import parse_retry_after
+
+    assert parse_retry_after("5") == 5.0 and parse_retry_after(" 0 ") == 0.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None and parse_retry_after("-3") is None
+    now = time.time()
+    assert 9 <= parse_retry_after(formatdate(now + 10, usegmt=True), now=now) <= 10
+    assert parse_retry_after(formatdate(now - 10, usegmt=True), now=now) == 0.0
+
+
+def test_load_benchmark_scenarios_set_defaults_and_explicit_options_win() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_load", ROOT / "bench" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+
+    launch = load.parse_args(["--scenario", "launch"])
+    assert (launch.groups, launch.time_scale, launch.ramp_seconds, launch.phase_seconds) == (100, 0.1, 30.0, 20)
+    wider = load.parse_args(["--scenario", "launch", "--groups", "150", "--ramp-seconds", "10"])
+    assert (wider.groups, wider.ramp_seconds, wider.time_scale) == (150, 10.0, 0.1)
+    # An explicit size replaces the scenario's, whichever way it is given.
+    sized = load.parse_args(["--scenario", "launch", "--participants", "70"])
+    assert (sized.participants, sized.groups, sized.phase_seconds) == (70, None, 20)
+    people = load.parse_args(["--scenario", "launch-people"])
+    assert (people.participants, people.groups, people.ramp_seconds, people.time_scale) == (1000, None, 60.0, 1.0)
+    plain = load.parse_args([])
+    assert (plain.participants, plain.groups, plain.ramp_seconds, plain.scenario) == (1000, None, 120.0, None)
