@@ -13,8 +13,9 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db.utils import OperationalError
 
-from experiment import actions, events, services
+from experiment import actions, busy, events, services
 from experiment.game import RuleError
 from experiment.models import Participant
 from experiment.perprocess import PerProcess
@@ -68,7 +69,13 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         await handler(message)
 
     async def connect(self) -> None:
-        found = await _participant_by_token(self.scope["url_route"]["kwargs"]["token"])
+        try:
+            found = await _participant_by_token(self.scope["url_route"]["kwargs"]["token"])
+        except OperationalError as exc:
+            if not busy.connection_unavailable(exc):
+                raise
+            await self._busy(exc)
+            return
         if found is None:
             await self.close(code=4404)
             return
@@ -76,8 +83,39 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         self.joined: set[str] = set()
         self.group_id: int | None = None
         await self.accept()
-        await _off_thread(services.participant_presence)(participant_id=self.participant_id, connected=True)
-        await self._send_state()
+        present = False
+        try:
+            await _off_thread(services.participant_presence)(participant_id=self.participant_id, connected=True)
+            present = True
+            await self._send_state()
+        except OperationalError as exc:
+            if not busy.connection_unavailable(exc):
+                raise
+            await self._busy(exc, accepted=True, present=present)
+
+    async def _busy(self, exc: OperationalError, *, accepted: bool = False, present: bool = False) -> None:
+        """The database gave no connection: close with the code the page treats as "try again later".
+
+        A close before the accept reaches the browser as a refused handshake (close code 1006, code lost),
+        so the connection is accepted first. If this connection was already counted as open, that is
+        undone here, once; the disconnect that follows then touches the database no more.
+        """
+        busy.report("the participant websocket", exc)
+        if not accepted:
+            await self.accept()
+        if present:
+            try:
+                await _off_thread(services.participant_presence)(participant_id=self.participant_id, connected=False)
+            except OperationalError as again:
+                if not busy.connection_unavailable(again):
+                    raise
+                # Still no connection: the seat's count of open connections stays one too high (only the
+                # cockpit reads it: the seat may show as connected while it is not), as after a crashed process.
+        for name in getattr(self, "joined", set()):
+            await self.channel_layer.group_discard(name, self.channel_name)
+        if hasattr(self, "joined"):
+            del self.joined  # disconnect() then neither unsubscribes nor records the close again
+        await self.close(code=busy.BUSY_CLOSE_CODE)
 
     async def disconnect(self, code: int) -> None:
         for name in getattr(self, "joined", set()):

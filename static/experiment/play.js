@@ -22,6 +22,12 @@
   var ACK_TIMEOUT_MS = 15000;
   var PING_EVERY_MS = 25000;
   var PING_TIMEOUT_MS = 10000;
+  // Reconnecting: the n-th retry in a row waits a random time between half and all of min(15 s, 0.5 s × 2^n),
+  // so that hundreds of pages that lost the server together come back spread out, not together.
+  var RETRY_FIRST_MS = 500;
+  var RETRY_MAX_MS = 15000;
+  var CLOSE_NOT_FOUND = 4404; // the seat does not exist: permanent
+  var CLOSE_BUSY = 4503; // the server had no database connection for us: try again later
 
   // ---- state (from the server) and the reducer ----------------------------------------------------
 
@@ -199,7 +205,8 @@
 
   var ws = null;
   var connected = false;
-  var attempt = 0;
+  var attempt = 0; // retries since the last connection that brought a state
+  var busy = false; // the last connection was closed with CLOSE_BUSY
   var retryAt = null;
   var retryTimer = null;
   var fatal = null;
@@ -227,7 +234,8 @@
     socket.onopen = function () {
       if (socket !== ws) return;
       connected = true;
-      attempt = 0;
+      // The backoff is not reset here: a busy server accepts and closes at once (CLOSE_BUSY). Only a
+      // connection that brought a state counts as back (see receive).
       lastFrameAt = Date.now();
       startPings();
       updateBanner();
@@ -250,7 +258,8 @@
     stopPings();
     // Whatever was waiting for an ack is settled by the full state sent on reconnect.
     ui.pending = {};
-    if (code === 4404) {
+    busy = code === CLOSE_BUSY;
+    if (code === CLOSE_NOT_FOUND) {
       fatal = "This link is not valid. Please use the link you were given to join the study.";
     } else {
       scheduleReconnect();
@@ -259,8 +268,14 @@
     render(true);
   }
 
+  /** Milliseconds to wait before retry number ``n`` (from 0) of a row; ``random`` in [0, 1). */
+  function reconnectDelay(n, random) {
+    var ceiling = Math.min(RETRY_MAX_MS, RETRY_FIRST_MS * Math.pow(2, Math.min(n, 30)));
+    return ceiling / 2 + random * (ceiling / 2);
+  }
+
   function scheduleReconnect() {
-    var delay = Math.min(15000, 500 * Math.pow(2, attempt)) * (0.75 + Math.random() * 0.5);
+    var delay = reconnectDelay(attempt, Math.random());
     attempt += 1;
     retryAt = Date.now() + delay;
     clearTimeout(retryTimer);
@@ -269,7 +284,9 @@
 
   function reconnectNow() {
     if (ws || fatal) return;
-    attempt = 0;
+    // The person (or the browser coming back online / to the front) asks: try now, but keep the backoff's
+    // count while the server says it is busy, so that its next waits stay long.
+    if (!busy) attempt = 0;
     connect();
     updateBanner();
   }
@@ -302,6 +319,9 @@
     if (fatal) {
       text = fatal;
       connBanner.classList.add("conn-fatal");
+    } else if (!connected && busy) {
+      text = "The study is busy right now. Reconnecting by itself" + (state ? "; your answers so far are saved." : ".");
+      connBanner.classList.add("conn-lost");
     } else if (!connected && state) {
       text = "Connection lost. Your answers so far are saved.";
       connBanner.classList.add("conn-lost");
@@ -365,6 +385,8 @@
 
   function receive(event) {
     if (event.type === "state") {
+      attempt = 0; // the server is back for us: the next loss starts the backoff afresh
+      busy = false;
       var t = parseTime(event.server_time);
       if (t !== null) clockOffset = t - Date.now();
       state = applyEvent(state, event);
