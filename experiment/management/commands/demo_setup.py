@@ -6,9 +6,9 @@ import secrets
 from pathlib import Path
 
 from django.conf import settings
-from django.db import connection
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
+from django.db import connection
 
 from experiment.models import Condition, Experiment, Session
 
