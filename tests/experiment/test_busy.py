@@ -9,6 +9,7 @@ database file cannot be opened. Either way Django's own ``connect()`` fails, as 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import html
 import itertools
@@ -107,10 +108,23 @@ class Outage:
         connections.close_all()
         self.settings["USER"], self.settings["NAME"] = self._user, self._name
         if self.vendor == "postgresql":
+            # Not terminated here: threads of this process (the consumers' pools) may still hold a connection
+            # as the role, and a killed one would fail the next test that runs on that thread. The role loses
+            # its limit now and is dropped when the run ends.
             with contextlib.closing(self._admin()) as admin:
-                admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [self._role])
-                admin.execute(f'DROP OWNED BY "{self._role}"')
-                admin.execute(f'DROP ROLE "{self._role}"')
+                admin.execute(f'ALTER ROLE "{self._role}" CONNECTION LIMIT -1')
+            _roles_to_drop.append((self._admin, self._role))
+
+
+_roles_to_drop: list[tuple[Any, str]] = []
+
+
+@atexit.register
+def _drop_roles() -> None:
+    for admin_of, role in _roles_to_drop:
+        with contextlib.suppress(Exception), contextlib.closing(admin_of("postgres")) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
 @pytest.fixture
