@@ -122,6 +122,12 @@ def retry_after_seconds() -> int:
     return random.randint(RETRY_AFTER_MIN, RETRY_AFTER_MAX)
 
 
+def _same_site(url: str) -> str:
+    """The request's own path and query, unless a browser would read it as another site's address
+    (``//host/…``, ``/\\host/…``): the page must not become a redirect to anywhere."""
+    return url if url.startswith("/") and url[1:2] not in ("/", "\\") else "/"
+
+
 def busy_response(request: HttpRequest) -> HttpResponse:
     """503 with ``Retry-After``. Built without the database: a template rendered without a request (so
     no context processors run) and nothing read from or written to the session."""
@@ -133,7 +139,7 @@ def busy_response(request: HttpRequest) -> HttpResponse:
         # Only a GET/HEAD repeats by itself: re-sending a form is for the person to decide.
         again = request.method in ("GET", "HEAD")
         html = render_to_string("experiment/busy.html", {
-            "retry_after": seconds, "retry_url": request.get_full_path(), "auto_retry": again})
+            "retry_after": seconds, "retry_url": _same_site(request.get_full_path()), "auto_retry": again})
         response = HttpResponse(html, status=503)
     response["Retry-After"] = str(seconds)
     response["Cache-Control"] = "no-store"

@@ -9,7 +9,6 @@ database file cannot be opened. Either way Django's own ``connect()`` fails, as 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import html
 import itertools
@@ -58,7 +57,9 @@ class Outage:
         if self.vendor == "postgresql":
             self._setup_role()
 
-    # PostgreSQL: the pages connect as a role with CONNECTION LIMIT 3; down() takes every free slot.
+    # PostgreSQL: only while down() the pages connect as a role with CONNECTION LIMIT 3, every slot of which the
+    # test holds. So no connection as the role ever opens for Django: none outlives the test in a worker thread
+    # of the run (the consumers' pools), and the role can be dropped at the end of the test.
     def _admin(self, dbname: str | None = None):
         import psycopg
 
@@ -72,8 +73,6 @@ class Outage:
             admin.execute(f'GRANT USAGE ON SCHEMA public TO "{self._role}"')
             admin.execute(f'GRANT ALL ON ALL TABLES IN SCHEMA public TO "{self._role}"')
             admin.execute(f'GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO "{self._role}"')
-        connections.close_all()
-        self.settings["USER"] = self._role
 
     def _take_every_slot(self) -> None:
         import psycopg
@@ -93,6 +92,7 @@ class Outage:
         connections.close_all()
         if self.vendor == "postgresql":
             self._take_every_slot()
+            self.settings["USER"] = self._role
         else:  # SQLite: a file in a directory that does not exist cannot be opened
             self.settings["NAME"] = str(Path(self._name).parent / f"no-such-dir-{uuid.uuid4().hex}" / "db.sqlite3")
         try:
@@ -102,29 +102,18 @@ class Outage:
             for held in self._held:
                 held.close()
             self._held.clear()
-            self.settings["NAME"] = self._name
+            self.settings["USER"], self.settings["NAME"] = self._user, self._name
 
     def close(self) -> None:
         connections.close_all()
         self.settings["USER"], self.settings["NAME"] = self._user, self._name
         if self.vendor == "postgresql":
-            # Not terminated here: threads of this process (the consumers' pools) may still hold a connection
-            # as the role, and a killed one would fail the next test that runs on that thread. The role loses
-            # its limit now and is dropped when the run ends.
+            # Nothing to terminate: the only connections the role ever had were the test's own, closed above.
             with contextlib.closing(self._admin()) as admin:
-                admin.execute(f'ALTER ROLE "{self._role}" CONNECTION LIMIT -1')
-            _roles_to_drop.append((self._admin, self._role))
-
-
-_roles_to_drop: list[tuple[Any, str]] = []
-
-
-@atexit.register
-def _drop_roles() -> None:
-    for admin_of, role in _roles_to_drop:
-        with contextlib.suppress(Exception), contextlib.closing(admin_of("postgres")) as admin:
-            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
-            admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+                left = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", [self._role]).fetchone()
+                assert left == (0,), f"connections as {self._role} outlived the outage: {left}"
+                admin.execute(f'DROP OWNED BY "{self._role}"')
+                admin.execute(f'DROP ROLE "{self._role}"')
 
 
 @pytest.fixture
@@ -345,6 +334,12 @@ def test_an_ordinary_database_error_is_still_a_500(session: Session, monkeypatch
     response = _client().get(f"/join/{session.code}/?PROLIFIC_PID=P500")
     assert response.status_code == 500
     assert "Retry-After" not in response and BUSY_TEXT not in response.content.decode()
+
+
+def test_the_busy_page_never_sends_a_person_to_another_site() -> None:
+    assert busy._same_site("/join/abc/?PROLIFIC_PID=x") == "/join/abc/?PROLIFIC_PID=x"
+    for foreign in ("//evil.example/join/", "/\\evil.example/", "https://evil.example/"):
+        assert busy._same_site(foreign) == "/", foreign
 
 
 def test_other_exceptions_are_not_busy() -> None:
