@@ -33,6 +33,9 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
     "min_size": min(env_int("DB_POOL_MIN_SIZE", 2), DB_POOL_MAX_SIZE),
     "max_size": DB_POOL_MAX_SIZE,
     "timeout": float(env_str("DB_POOL_TIMEOUT", "10")),
+    # Connections above min_size go back to PostgreSQL after this long unused (psycopg's default is 10
+    # minutes): after a burst, one process must not keep the connections another one now needs.
+    "max_idle": float(env_str("DB_POOL_MAX_IDLE", "60")),
     "name": "partnerlab",
 }
 
