@@ -424,10 +424,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     report: dict[str, Any] = {"machine": machine(), "command": " ".join(["bench/load.py", *(argv or sys.argv[1:])])}
     code = 1
     say = (lambda *_: None) if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if not _port_free(args.port):
+        # Otherwise the clients would silently measure whatever already answers there. Checked before the
+        # cleanup below is armed: it drops the database and flushes Redis, and a run already using this port
+        # (another load.py) would lose both mid-run.
+        raise SystemExit(f"Port {args.port} on {HOST} is in use; choose another with --port.")
     try:
-        if not _port_free(args.port):
-            # Otherwise the clients would silently measure whatever already answers there.
-            raise SystemExit(f"Port {args.port} on {HOST} is in use; choose another with --port.")
         say(f"Preparing database {args.database} and Redis db {args.redis_db} …")
         _recreate_database(args.postgres, args.database)
         _flush_redis(env["REDIS_URL"])
