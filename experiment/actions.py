@@ -8,7 +8,7 @@ from typing import Any
 
 from experiment import services
 from experiment.events import CLIENT_MESSAGES
-from experiment.game import RuleError
+from experiment.game import RuleError, check_storable
 
 
 def dispatch(participant_id: int, message: object, *, automated: bool = False) -> dict[str, Any]:
@@ -21,6 +21,9 @@ def dispatch(participant_id: int, message: object, *, automated: bool = False) -
     ref = message.get("ref")
     if ref is not None and (not isinstance(ref, str) or len(ref) > 64):
         raise RuleError("invalid_message", '"ref" must be a string of at most 64 characters.')
+    # Before anything reads it: a NUL or a lone surrogate in any string would fail when stored (and in
+    # PostgreSQL abort the transaction), in the pitch, the quiz, the questionnaire or a field nobody reads.
+    check_storable(message)
     ack: dict[str, Any] = {"type": "ack", "ref": ref, "action": kind}
     m = message
     if kind == "ping":

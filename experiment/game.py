@@ -21,6 +21,11 @@ _DIGITS = re.compile(r"[0-9]{1,18}")
 _SIGNED_DIGITS = re.compile(r"-?[0-9]{1,18}")
 
 
+# Text no database can store: NUL (PostgreSQL refuses it in text and JSON) and UTF-16 surrogates without
+# their pair (valid JSON, ``"\\ud83d"``, but not encodable as UTF-8: every driver refuses them).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 class Phase(enum.StrEnum):
     PITCH = "pitch"
     CHOICE = "choice"
@@ -281,12 +286,41 @@ def check_returned(amount: object, available: int) -> int:
     return returned
 
 
+def unstorable_text(value: object) -> bool:
+    """Whether a string anywhere in ``value`` (a parsed JSON message: keys, values, nested) holds a NUL or a
+    lone surrogate. Iterative, so that no nesting the JSON parser accepted can exhaust the stack here."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _UNSTORABLE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
+def escape_unstorable(text: str) -> str:
+    """``text`` with each NUL and lone surrogate written as its JSON escape (``\\u0000``, ``\\ud83d``): what
+    such a character looked like in the JSON it came in, now storable. For text that must be kept rather
+    than refused (a model's reply, as received)."""
+    return _UNSTORABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def check_storable(value: object) -> None:
+    if unstorable_text(value):
+        raise RuleError("invalid_text", "The text contains a character that cannot be stored (a NUL character or "
+                                        "half of an emoji or other character).")
+
+
 def check_message(text: object, params: Params) -> str:
     if not isinstance(text, str):
         raise RuleError("invalid_message", "The message must be text.")
     text = text.replace("\r\n", "\n").strip()
-    if "\x00" in text:
-        raise RuleError("invalid_message", "The message contains a character that is not allowed.")
+    check_storable(text)
     if len(text) > params.message_max_chars:
         raise RuleError("message_too_long", f"Messages can be at most {params.message_max_chars} characters ({len(text)} given).")
     return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from experiment.game import RuleError, parse_points
+from experiment.game import RuleError, check_storable, parse_points
 
 QUESTIONS: list[dict[str, Any]] = [
     {"id": "age", "text": "How old are you?", "kind": "number", "min": 18, "max": 100},
@@ -23,6 +23,7 @@ def clean_answers(answers: object) -> dict[str, Any]:
     """Validated answers keyed by question id; RuleError naming the first bad one."""
     if not isinstance(answers, dict):
         raise RuleError("invalid_message", '"answers" must be an object keyed by question id.')
+    check_storable(answers)
     clean: dict[str, Any] = {}
     for q in QUESTIONS:
         value = answers.get(q["id"])

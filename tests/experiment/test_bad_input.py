@@ -293,7 +293,7 @@ async def test_a_message_over_the_limit_or_with_nul() -> None:
     reply = await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": "x" * 21, "ref": "r1"}, "message_too_long", sid)
     assert reply["ref"] == "r1" and "20" in reply["message"]
     await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": "é" * 21}, "message_too_long", sid)
-    await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": "a\u0000b"}, "invalid_message", sid)
+    await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": "a\u0000b"}, "invalid_text", sid)
     for text in (None, 5, ["hi"], {"t": "hi"}):
         await _refused(candidate, {"type": "pitch.submit", "round": 1, "text": text}, "invalid_message", sid)
     assert (await candidate.send({"type": "pitch.submit", "round": 1, "text": "x" * 20}))["type"] == "ack"
@@ -325,6 +325,67 @@ async def test_markup_in_a_message_is_stored_and_sent_as_plain_text() -> None:
     assert b"alert" not in page.content and b"<script>alert" not in page.content
     await candidate.close()
     await selector.close()
+
+
+# Valid JSON whose strings no database can store: a lone UTF-16 surrogate (not encodable as UTF-8) or NUL.
+UNSTORABLE = ["\\ud83d broken", "broken \\udc00", "a\\u0000b", "\\ude00\\ud83d"]
+
+
+async def test_text_no_database_can_store_is_refused_wherever_it_is() -> None:
+    """Each in a raw frame, as a client sends it (the escape is valid JSON); the reply is one error, nothing
+    is stored, and the connection lives on. Anywhere in the message: the text, the ref, a key, an ignored
+    field, the quiz and the questionnaire."""
+    group, seats = await _game()
+    candidate = await Seat(_human_candidate(seats).token).connect()
+    sid = group.session_id
+    for bad in UNSTORABLE:
+        for raw in (f'{{"type":"pitch.submit","round":1,"text":"{bad}"}}',
+                    f'{{"type":"pitch.submit","round":1,"text":"fine","ref":"{bad}"}}',
+                    f'{{"type":"pitch.submit","round":1,"text":"fine","{bad}":1}}',
+                    f'{{"type":"ping","extra":["ok",{{"deep":"{bad}"}}]}}'):
+            reply = await _refused(candidate, raw, "invalid_text", sid)
+            assert "\\u" not in reply["message"]
+    await _alive(candidate)
+    # A surrogate pair is one character (an emoji): stored and shown as sent.
+    assert (await candidate.send_raw('{"type":"pitch.submit","round":1,"text":"hi \\ud83d\\ude00"}'))["type"] == "ack"
+    assert await db(lambda: list(Message.objects.filter(group=group).values_list("text", flat=True)))() == ["hi \U0001f600"]
+    await candidate.close()
+
+    @db
+    def at_the_quiz() -> tuple[int, str]:
+        session = factories.session_create(gamekit.experiment_small(), capacity=10)
+        p = services.participant_join(session_id=session.pk)
+        services.consent_submit(participant_id=p.pk, accept=True)
+        services.instructions_done(participant_id=p.pk)
+        return session.pk, p.token
+
+    sid, token = await at_the_quiz()
+    seat = await Seat(token).connect()
+    assert seat.state["stage"] == "quiz"
+    for bad in UNSTORABLE:
+        await _refused(seat, f'{{"type":"quiz.submit","answers":{{"0":"{bad}"}}}}', "invalid_text", sid)
+    await _alive(seat)
+    await seat.close()
+
+
+async def test_a_questionnaire_comment_no_database_can_store_is_refused() -> None:
+    group, seats = await _game(n_rounds=1, belief_rounds="", choice_timeout="none")
+
+    @db
+    def to_questionnaire() -> None:
+        gamekit.pitch_all(group)
+        gamekit.deadline_pass(group)
+        gamekit.deadline_pass(group)
+
+    await to_questionnaire()
+    seat = await Seat(seats["S1"].token).connect()
+    assert seat.state["stage"] == "questionnaire"
+    good = '"age":30,"gender":"female","ai_attitude":5,"suspected_bots":"yes"'
+    for bad in UNSTORABLE:
+        await _refused(seat, f'{{"type":"questionnaire.submit","answers":{{{good},"comments":"{bad}"}}}}',
+                       "invalid_text", group.session_id)
+    assert (await seat.send_raw(f'{{"type":"questionnaire.submit","answers":{{{good},"comments":"ok"}}}}'))["type"] == "ack"
+    await seat.close()
 
 
 # ---- frames -----------------------------------------------------------------------------------------------

@@ -171,9 +171,19 @@ def test_markup_is_kept_as_plain_text() -> None:
     assert game.check_message(text, DEFAULT) == text
 
 
-@pytest.mark.parametrize("text", ["a\x00b", "\x00", "hi \x00"])
-def test_messages_with_nul_are_refused(text: str) -> None:
-    assert _code(game.check_message, text, DEFAULT) == "invalid_message"
+@pytest.mark.parametrize("text", ["a\x00b", "\x00", "hi \x00", "\ud83d broken", "x\udfff", "\ude00\ud83d"])
+def test_messages_no_database_can_store_are_refused(text: str) -> None:
+    assert _code(game.check_message, text, DEFAULT) == "invalid_text"
+
+
+def test_unstorable_text_is_found_anywhere_in_a_message() -> None:
+    assert not game.unstorable_text({"type": "pitch.submit", "text": "hi \U0001f600 é", "n": [1, None, True]})
+    for bad in ({"t": ["ok", {"k": "\udc00"}]}, {"\x00": 1}, ["a", "b\ud800"], "\x00"):
+        assert game.unstorable_text(bad), bad
+    deep: object = "\ud800"
+    for _ in range(100_000):  # deeper than any recursion limit: the walk is iterative
+        deep = [deep]
+    assert game.unstorable_text(deep)
 
 
 @pytest.mark.parametrize("text", [None, 5, ["hi"], {"text": "hi"}, True])
