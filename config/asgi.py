@@ -20,8 +20,11 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from config import serverlog  # noqa: E402
 from experiment.routing import websocket_urlpatterns  # noqa: E402
 from experiment.scheduling import runner  # noqa: E402
+
+serverlog.install()
 
 
 class Lifespan:
