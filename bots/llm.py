@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import openai
 
+from experiment.game import escape_unstorable
+
 if TYPE_CHECKING:
     from bots.models import BotProfile
 
@@ -185,7 +187,9 @@ def _count(value: Any) -> int:
 
 
 def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
+    """A text field of the reply, storable: a model (or a broken endpoint) can send NUL or half a surrogate
+    pair in valid JSON, which PostgreSQL would refuse in the call log and in the next request's messages."""
+    return escape_unstorable(value) if isinstance(value, str) else None
 
 
 def success(body: bytes, started: float) -> ChatResult:
@@ -242,7 +246,8 @@ def failure(exc: BaseException, settings: LLMSettings, started: float) -> ChatRe
                 429: " The endpoint is rate-limiting requests.",
                 }.get(status, " The endpoint failed." if status >= 500 else "")
         return ChatResult(latency_ms=latency, error_class=name, http_status=status, retry_after=retry_after,
-                          transient=transient, error_message=f"HTTP {status}: {exc.message}.{hint}".replace("..", "."))
+                          transient=transient,
+                          error_message=escape_unstorable(f"HTTP {status}: {exc.message}.{hint}".replace("..", ".")))
     return ChatResult(latency_ms=latency, error_class=name, error_message=f"Unexpected failure: {exc}")
 
 

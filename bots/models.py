@@ -208,7 +208,9 @@ class LLMCall(models.Model):
                                help_text="decide, correction (after an invalid answer) or profile_test.")
     request_messages = models.JSONField(default=list, help_text="The exact chat messages sent (system, user, …).")
     response_format = models.JSONField(null=True, blank=True, help_text="The response_format sent (JSON schema), if any.")
-    raw_reply = models.TextField(blank=True, help_text="The reply text exactly as received.")
+    raw_reply = models.TextField(blank=True, help_text=(
+        "The reply text exactly as received; a NUL or an unpaired surrogate in it is written as its JSON escape "
+        "(\\u0000, \\ud83d), as it was on the wire."))
     refusal = models.TextField(blank=True, help_text="The model's refusal message, when it refused.")
     parsed = models.JSONField(null=True, blank=True, help_text="The decision parsed from the reply (protocol messages).")
     model = models.CharField(max_length=200, help_text="Model requested.")

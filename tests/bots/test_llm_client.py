@@ -123,6 +123,14 @@ def test_a_refusal_is_a_reply_without_content(fake: FakeOpenAI) -> None:
     assert result.ok and result.text is None and result.refusal == "I can't take part in games."
 
 
+def test_characters_no_database_stores_come_back_as_their_json_escapes(fake: FakeOpenAI) -> None:
+    fake.script(Reply.broken(b'{"model": "m\\u0000", "choices": [{"message": {"content": "a\\u0000b \\ud83d\\ude00 \\udc00",'
+                             b' "refusal": "no\\ud800"}}]}'))
+    result = llm.complete(settings_for(fake.base_url), MESSAGES, FORMAT)
+    assert result.ok
+    assert (result.text, result.refusal, result.model) == ("a\\u0000b \U0001f600 \\udc00", "no\\ud800", "m\\u0000")
+
+
 @pytest.mark.parametrize(("raw", "error_class", "transient"), [
     (b"<html>502 Bad Gateway</html>", "MalformedReply", True),  # a proxy's page with status 200
     (b'{"choices": [', "MalformedReply", True),  # cut off

@@ -156,6 +156,22 @@ def test_an_invalid_answer_gets_one_corrective_retry(fake: FakeOpenAI, profile: 
     assert Message.objects.get(candidate=bot).text == "Second try: fair and square."
 
 
+def test_a_reply_with_characters_no_database_stores_is_logged_as_escapes_and_corrected(fake: FakeOpenAI, profile: BotProfile) -> None:
+    """NUL and half a surrogate pair are valid JSON from a model; PostgreSQL refuses both in text and JSON. The
+    call log keeps the reply as the escapes it was on the wire; the message itself breaks the rule every person's
+    text obeys, so the model is asked once more, as for any rule-breaking answer, and the turn goes on."""
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    fake.script(Reply.json({"message": "hi \x00 there \ud83d"}), Reply.json({"message": "Fair and square."}))
+    d = turn(bot)
+    assert (d.status, d.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
+    first, second = calls(bot)
+    assert first.status == "invalid" and first.error_message.startswith("invalid_text")
+    assert "hi \\u0000 there \\ud83d" in first.raw_reply
+    assert (second.status, second.applied) == ("ok", True)
+    assert Message.objects.get(candidate=bot).text == "Fair and square."
+
+
 def test_an_answer_out_of_range_is_corrected(fake: FakeOpenAI, profile: BotProfile) -> None:
     group = group_with(profile)
     bot = seat_of(group, kind="bot")
