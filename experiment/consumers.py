@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -15,11 +16,13 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db.utils import OperationalError
 
-from experiment import actions, busy, events, services
+from experiment import actions, busy, events, presence, services
 from experiment.game import RuleError
 from experiment.models import Participant
 from experiment.perprocess import PerProcess
 from experiment.selectors import seat_state
+
+logger = logging.getLogger(__name__)
 
 
 def _off_thread(fn: Any) -> Any:
@@ -55,6 +58,7 @@ def _participant_by_token(token: str) -> tuple[int, int] | None:
 class ParticipantConsumer(AsyncWebsocketConsumer):
     participant_id: int
     session_id: int
+    connection_id: int | None = None  # this connection's SeatConnection row, while it is counted as open
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """As channels' own, without its ``aclose_old_connections()`` before every handler.
@@ -83,17 +87,18 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         self.joined: set[str] = set()
         self.group_id: int | None = None
         await self.accept()
-        present = False
         try:
-            await _off_thread(services.participant_presence)(participant_id=self.participant_id, connected=True)
-            present = True
+            heartbeat = presence.here.get()
+            self.connection_id = await _off_thread(services.connection_open)(
+                participant_id=self.participant_id, process=heartbeat.process)
+            heartbeat.opened(self.connection_id, self)
             await self._send_state()
         except OperationalError as exc:
             if not busy.connection_unavailable(exc):
                 raise
-            await self._busy(exc, accepted=True, present=present)
+            await self._busy(exc, accepted=True)
 
-    async def _busy(self, exc: OperationalError, *, accepted: bool = False, present: bool = False) -> None:
+    async def _busy(self, exc: OperationalError, *, accepted: bool = False) -> None:
         """The database gave no connection: close with the code the page treats as "try again later".
 
         A close before the accept reaches the browser as a refused handshake (close code 1006, code lost),
@@ -103,14 +108,7 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         busy.report("the participant websocket", exc)
         if not accepted:
             await self.accept()
-        if present:
-            try:
-                await _off_thread(services.participant_presence)(participant_id=self.participant_id, connected=False)
-            except OperationalError as again:
-                if not busy.connection_unavailable(again):
-                    raise
-                # Still no connection: the seat's count of open connections stays one too high (only the
-                # cockpit reads it: the seat may show as connected while it is not), as after a crashed process.
+        await self._uncount()
         for name in getattr(self, "joined", set()):
             await self.channel_layer.group_discard(name, self.channel_name)
         if hasattr(self, "joined"):
@@ -120,8 +118,24 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         for name in getattr(self, "joined", set()):
             await self.channel_layer.group_discard(name, self.channel_name)
-        if hasattr(self, "joined"):
-            await _off_thread(services.participant_presence)(participant_id=self.participant_id, connected=False)
+        await self._uncount()
+
+    async def _uncount(self) -> None:
+        """Delete this connection's row, once. Without a database connection this process's heartbeat deletes
+        it as soon as it can (until then the seat may show as connected while it is not)."""
+        connection_id, self.connection_id = self.connection_id, None
+        if connection_id is None:
+            return
+        heartbeat = presence.here.get()
+        heartbeat.forget(connection_id)
+        try:
+            await _off_thread(services.connection_close)(connection_id=connection_id, participant_id=self.participant_id)
+        except Exception as exc:
+            if isinstance(exc, OperationalError) and busy.connection_unavailable(exc):
+                busy.report("the participant websocket", exc)
+            else:
+                logger.exception("closing connection %s failed; the heartbeat tries again", connection_id)
+            heartbeat.close_later(connection_id, self.participant_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:

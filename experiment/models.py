@@ -321,7 +321,8 @@ class Participant(models.Model):
     recruitment_session_id = models.CharField(max_length=64, blank=True, help_text="Recruitment SESSION_ID.")
     quiz_attempts = models.PositiveSmallIntegerField(default=0, help_text="Submissions of the comprehension quiz.")
     consecutive_timeouts = models.PositiveSmallIntegerField(default=0)
-    connections = models.PositiveSmallIntegerField(default=0, help_text="Open websocket connections of the seat now.")
+    connections = models.PositiveSmallIntegerField(
+        default=0, help_text="Open websocket connections of the seat now (the number of its SeatConnection rows).")
     last_seen_at = models.DateTimeField(null=True, blank=True, help_text="Last connect, disconnect or message (UTC).")
     payoff = models.IntegerField(default=0, help_text="Points earned over all rounds.")
     joined_at = models.DateTimeField(auto_now_add=True, help_text="When the participant opened the join link (UTC).")
@@ -349,6 +350,27 @@ class Participant(models.Model):
         if self.role == self.Role.CANDIDATE:
             return f"Candidate {self.seat}"
         return f"Selector {self.seat[1:]}" if self.seat else "Participant"
+
+
+class SeatConnection(models.Model):
+    """One open participant websocket and the web process that serves it.
+
+    The process refreshes ``seen_at`` of its rows while it runs (experiment/presence.py). A process that is
+    killed never closes its connections: the sweep removes rows nobody refreshed any more, so the seat no
+    longer shows as connected.
+    """
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="open_connections")
+    process = models.CharField(max_length=200, help_text="The web process run serving it (host:pid:random).")
+    opened_at = models.DateTimeField(help_text="When the websocket was accepted (UTC, server time).")
+    seen_at = models.DateTimeField(help_text="Last heartbeat of the serving process (UTC, server time).")
+
+    class Meta:
+        indexes = [models.Index(fields=["process"], name="seatconn_process_idx"),
+                   models.Index(fields=["seen_at"], name="seatconn_seen_idx")]
+
+    def __str__(self) -> str:
+        return f"connection {self.pk} of {self.participant_id} via {self.process}"
 
 
 class Message(models.Model):

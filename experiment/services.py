@@ -13,8 +13,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Count, Exists, Max, OuterRef, Q, QuerySet
+from django.db.models import Count, Exists, F, Max, OuterRef, Q, QuerySet
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from experiment import events, game
@@ -29,6 +31,7 @@ from experiment.models import (
     QuestionnaireResponse,
     Return,
     RoundPayoff,
+    SeatConnection,
     Session,
 )
 from experiment.scheduling import schedule
@@ -483,7 +486,8 @@ def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, ac
 
 
 def sweep(now: datetime | None = None) -> int:
-    """Close every overdue phase and run the lobbies' clocks. Safe to run anywhere, any number of times."""
+    """Close every overdue phase, run the lobbies' clocks and remove the connections of lost web processes. Safe to
+    run anywhere, any number of times."""
     now = now or timezone.now()
     closed = 0
     due = _overdue(now).values_list("pk", "round_number", "phase")
@@ -499,6 +503,10 @@ def sweep(now: datetime | None = None) -> int:
             lobby_sweep(session_id=session_id, now=now)
         except Exception:  # one broken lobby must not stop the others from being swept
             logger.exception("sweeping the lobby of session %s failed", session_id)
+    try:
+        presence_sweep(now)
+    except Exception:
+        logger.exception("sweeping lost connections failed")
     return closed
 
 
@@ -843,18 +851,89 @@ def session_end(*, session_id: int, actor_id: int | None) -> None:
     events.refresh_on_commit(events.lobby_channel(session.pk))
 
 
-def participant_presence(*, participant_id: int, connected: bool) -> None:
-    """Count the seat's open websocket connections (several tabs count separately)."""
-    from django.db.models import F
-    from django.db.models.functions import Greatest
+# ---- presence: the seats' open websockets (experiment/presence.py) ------------------------------------------
+# Participant.connections is the number of the seat's SeatConnection rows. Every change locks the seat's row
+# first, then touches its connection rows: one lock order for opening, closing and the sweep.
 
-    delta = F("connections") + 1 if connected else Greatest(F("connections") - 1, 0)
+def _presence_lock(participant_id: int) -> Participant | None:
+    return (Participant.objects.select_for_update(no_key=True).only("session_id", "group_id")
+            .filter(pk=participant_id).order_by("pk").first())  # (the default ordering would join the group)
+
+
+def connection_open(*, participant_id: int, process: str) -> int:
+    """Record one open websocket of the seat, served by web process run ``process`` (several tabs count
+    separately). Returns the row's id, which the connection deletes when it closes."""
+    now = timezone.now()
     with transaction.atomic():
-        Participant.objects.filter(pk=participant_id).update(connections=delta, last_seen_at=timezone.now())
-        p = Participant.objects.only("session_id", "group_id").get(pk=participant_id)
+        p = _presence_lock(participant_id)
+        if p is None:
+            raise RuleError("unknown_participant", "No such participant.")
+        row = SeatConnection.objects.create(participant_id=participant_id, process=process, opened_at=now, seen_at=now)
+        Participant.objects.filter(pk=participant_id).update(connections=F("connections") + 1, last_seen_at=now)
         Event.objects.create(session_id=p.session_id, group_id=p.group_id, participant_id=participant_id,
-                             type="participant.connected" if connected else "participant.disconnected")
+                             type="participant.connected")
         events.monitor_on_commit(p.session_id, p.group_id)
+    return row.pk
+
+
+def connection_close(*, connection_id: int, participant_id: int) -> bool:
+    """The websocket closed: delete its row. False when the sweep had already removed (and counted) it."""
+    now = timezone.now()
+    with transaction.atomic():
+        p = _presence_lock(participant_id)
+        if p is None or not SeatConnection.objects.filter(pk=connection_id).delete()[0]:
+            return False
+        Participant.objects.filter(pk=participant_id).update(connections=Greatest(F("connections") - 1, 0),
+                                                             last_seen_at=now)
+        Event.objects.create(session_id=p.session_id, group_id=p.group_id, participant_id=participant_id,
+                             type="participant.disconnected")
+        events.monitor_on_commit(p.session_id, p.group_id)
+    return True
+
+
+def connections_heartbeat(*, process: str, expected: int) -> set[int] | None:
+    """Mark every connection of web process run ``process`` as alive, in one UPDATE. Returns None when the
+    ``expected`` rows were all there; else the ids of the rows still there (the sweep took the others)."""
+    if SeatConnection.objects.filter(process=process).update(seen_at=timezone.now()) >= expected:
+        return None
+    return set(SeatConnection.objects.filter(process=process).values_list("pk", flat=True))
+
+
+def presence_sweep(now: datetime | None = None) -> int:
+    """Remove the connections whose web process stopped beating (killed, crashed): their disconnects never ran.
+    Returns how many were removed. Costs one indexed query when there are none (every sweep)."""
+    now = now or timezone.now()
+    limit = now - timedelta(seconds=settings.PARTNERLAB_PRESENCE_STALE_SECONDS)
+    stale = set(SeatConnection.objects.filter(seen_at__lt=limit).values_list("participant_id", flat=True))
+    removed = 0
+    for participant_id in sorted(stale):
+        try:  # one transaction per seat: other transactions lock several seats, in their own order
+            removed += _connections_lost(participant_id, limit)
+        except Exception:
+            logger.exception("removing the lost connections of participant %s failed", participant_id)
+    return removed
+
+
+@transaction.atomic
+def _connections_lost(participant_id: int, limit: datetime) -> int:
+    p = _presence_lock(participant_id)
+    if p is None:
+        return 0
+    # Locked, then re-checked: a row whose process beat in the meantime is no longer stale.
+    lost = list(SeatConnection.objects.select_for_update().filter(participant_id=participant_id, seen_at__lt=limit)
+                .values_list("pk", "process"))
+    if not lost:
+        return 0
+    SeatConnection.objects.filter(pk__in=[pk for pk, _ in lost]).delete()
+    # Counted afresh from the rows: this also corrects a count that had drifted.
+    live = SeatConnection.objects.filter(participant_id=participant_id).count()
+    Participant.objects.filter(pk=participant_id).update(connections=live)
+    Event.objects.bulk_create([
+        Event(session_id=p.session_id, group_id=p.group_id, participant_id=participant_id, type="participant.disconnected",
+              payload={"reason": "server process lost", "process": process})
+        for _, process in lost])
+    events.monitor_on_commit(p.session_id, p.group_id)
+    return len(lost)
 
 
 @transaction.atomic

@@ -115,6 +115,11 @@ PARTNERLAB_WEB_SWITCH_INTERVAL = float(env_str("PARTNERLAB_WEB_SWITCH_INTERVAL",
 # Threads per web process that build seat views, apart from the threads above, so that the views a phase
 # change sends never wait behind a burst of actions.
 PARTNERLAB_WEB_VIEW_THREADS = env_int("PARTNERLAB_WEB_VIEW_THREADS", 2)
+# Presence (experiment/presence.py): each web process marks its open participant websockets as alive this often
+# (seconds), and the sweep removes those not marked for the staleness limit, so that the seats served by a killed
+# or crashed web process stop showing as connected. Keep the limit at three heartbeats or more.
+PARTNERLAB_PRESENCE_HEARTBEAT_SECONDS = float(env_str("PARTNERLAB_PRESENCE_HEARTBEAT_SECONDS", "10"))
+PARTNERLAB_PRESENCE_STALE_SECONDS = float(env_str("PARTNERLAB_PRESENCE_STALE_SECONDS", "30"))
 
 CELERY_TASK_ACKS_LATE = True
 # Workers keep their database connections between tasks (config/celery.py hands them back as Django does after
