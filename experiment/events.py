@@ -28,6 +28,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from django.db import transaction
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from experiment.perprocess import PerProcess
 
@@ -305,6 +306,10 @@ class _Broadcaster:
                 for channel_group, message in kept:
                     try:
                         await layer.group_send(channel_group, message)
+                    except (RedisConnectionError, OSError) as exc:
+                        # Redis down or restarting: one line, not a traceback per message. The pages catch up
+                        # with the next state (every phase change sends one; a reconnection brings the seat's).
+                        logger.warning("broadcast to %s failed: Redis unreachable (%s)", channel_group, exc)
                     except Exception:
                         logger.exception("broadcast to %s failed", channel_group)
                     self._done(1)

@@ -23,10 +23,12 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import kombu.exceptions
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, transaction
 from django.utils import timezone
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from experiment.perprocess import PerProcess
 
@@ -60,8 +62,13 @@ def _publish(job: str, at: datetime | None, kwargs: dict[str, Any]) -> None:
 
 
 def _report_failure(future: concurrent.futures.Future[None]) -> None:
-    if not future.cancelled() and future.exception() is not None:  # the sweep still closes the phase at its deadline
-        logger.error("could not hand a job to the broker", exc_info=future.exception())
+    if future.cancelled() or (exc := future.exception()) is None:
+        return
+    # The sweep still closes the phase at its deadline. A broker that is down is said in one line.
+    if isinstance(exc, (OSError, kombu.exceptions.OperationalError, RedisConnectionError)):
+        logger.warning("could not hand a job to the broker (%s); the sweep closes the phase at its deadline", exc)
+    else:
+        logger.error("could not hand a job to the broker", exc_info=exc)
 
 
 _publisher = PerProcess(lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="partnerlab-publish"))
