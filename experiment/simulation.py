@@ -70,6 +70,7 @@ SERVER_ENV = "PARTNERLAB_SIMULATION_SERVER"
 HTTP_TIMEOUT = 30.0
 # Busy answers (experiment/busy.py, docs/protocol.md): what the browser's busy page and game page do.
 BUSY_CLOSE_CODE = 4503  # websocket close code: the server had no database connection, try again later
+PHASE_ORDER = ("pitch", "choice", "return", "feedback", "belief")  # within a round (experiment.game.phases_of_round)
 PERMANENT_CLOSE_CODES = frozenset({4403, 4404})  # the page gives up: the seat is not (or no longer) this browser's
 BUSY_TRIES = 12  # HTTP answers per page (the first included) before a client gives up, while they are busy 503s
 BUSY_MAX_WAIT = 30.0  # longest wait for one Retry-After, seconds
@@ -138,6 +139,7 @@ class WsAttempt:
 
     at: float  # epoch seconds when it was opened
     opened: bool = False  # the handshake succeeded
+    closed_at: float | None = None  # epoch seconds when it ended (closed by either side, or failed to open)
     got_state: bool = False  # it brought at least one state (the page counts only that as being back)
     close_code: int | None = None  # the server's close code (1006: dropped without one); None: we closed it, or never opened
     status: int | None = None  # the handshake's HTTP status when the server refused it
@@ -166,6 +168,8 @@ class ClientReport:
     http: list[HttpAttempt] = field(default_factory=list)  # every HTTP answer, retries included
     ws: list[WsAttempt] = field(default_factory=list)  # every websocket connection, reconnections included
     gave_up: str = ""  # why the client stopped trying ("" unless it ran out of tries)
+    left_at: float | None = None  # epoch seconds when it walked away for good (``leave_at``), never to come back
+    left_phase: tuple[int, str] | None = None  # the (round, phase) it walked away in
 
     @property
     def completed(self) -> bool:
@@ -288,11 +292,12 @@ class SimClient:
     def __init__(self, *, index: int, base_url: str, code: str, human: SyntheticHuman, seed: int,
                  rng_group: Hashable, gate: ArrivalGate | None = None, lobby_actions: frozenset[str] = frozenset(),
                  ack_timeout: float = 30.0, busy_tries: int = BUSY_TRIES, busy_max_wait: float = BUSY_MAX_WAIT,
-                 ws_tries: int = WS_TRIES) -> None:
+                 ws_tries: int = WS_TRIES, leave_at: tuple[int, str] | None = None) -> None:
         self.index, self.base_url, self.code, self.human, self.seed = index, base_url.rstrip("/"), code, human, seed
         self.rng_group, self.gate, self.lobby_actions, self.ack_timeout = rng_group, gate, lobby_actions, ack_timeout
         self.busy_tries, self.busy_max_wait, self.ws_tries = max(1, busy_tries), max(0.0, busy_max_wait), max(1, ws_tries)
         self.report = ClientReport(index=index)
+        self.leave_at = leave_at
         self.state: dict[str, Any] = {}
         self._changed = asyncio.Event()
         self._closed = False
@@ -402,8 +407,10 @@ class SimClient:
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 attempt.error = f"{type(exc).__name__}: {exc}"
                 self.report.error("ws_open", f"websocket: {attempt.error}; reconnecting")
+            finally:
+                attempt.closed_at = time.time()
             attempt.got_state = self._states > states
-            if self.report.stage in END_STAGES:
+            if self.report.stage in END_STAGES or self.report.left_at is not None:
                 return
             code = attempt.close_code
             if code in PERMANENT_CLOSE_CODES:
@@ -510,6 +517,8 @@ class SimClient:
             if stage in END_STAGES:
                 self.report.ended_at = time.time()
                 return
+            if self._leaves_now():
+                return  # closes this connection; _play does not open another
             task = self._task(self.state)
             if task is None or task == done:
                 continue
@@ -521,6 +530,18 @@ class SimClient:
                 if self.gate is not None and message["type"] in self.lobby_actions:
                     await self.gate.wait(self.index)
                 await self._send(ws, message, task)
+
+    def _leaves_now(self) -> bool:
+        """Walk away for good (a tab closed mid-study) once the game reaches ``leave_at``: (round, phase)."""
+        game = self.state.get("game") if self.state.get("stage") == "playing" else None
+        if self.leave_at is None or not game:
+            return False
+        order = list(PHASE_ORDER)
+        here = (game["round"], order.index(game["phase"]) if game["phase"] in order else len(order))
+        if here < (self.leave_at[0], order.index(self.leave_at[1])):
+            return False
+        self.report.left_at, self.report.left_phase = time.time(), (game["round"], game["phase"])
+        return True
 
     async def _wait_like_a_person(self, task: tuple[Any, ...]) -> None:
         if task[0] == "game":
@@ -569,19 +590,20 @@ async def run_clients(*, base_url: str, code: str, count: int, human: SyntheticH
                       ordered: bool, lobby_actions: frozenset[str] = frozenset({"quiz.submit"}),
                       ramp_seconds: float = 0.0, time_limit: float, ack_timeout: float = 30.0,
                       busy_tries: int = BUSY_TRIES, busy_max_wait: float = BUSY_MAX_WAIT,
-                      ws_tries: int = WS_TRIES) -> list[ClientReport]:
+                      ws_tries: int = WS_TRIES, leave_at: Mapping[int, tuple[int, str]] | None = None) -> list[ClientReport]:
     """Run ``count`` clients concurrently until all reach the end or ``time_limit`` seconds pass.
 
     ``ordered``: groups fill in client order (reproducible runs; see :class:`ArrivalGate`).
     ``lobby_actions``: the message types whose acceptance puts a participant in the lobby.
     ``ramp_seconds``: arrivals are spread over this long (as people arrive), client ``i`` at ``i/count`` of it.
     ``busy_tries``, ``busy_max_wait``, ``ws_tries``: how long a client keeps trying (see :class:`SimClient`).
+    ``leave_at``: client index → (round, phase) at which that client closes its tab and never comes back.
     """
     gate = ArrivalGate(clients=count, batch=group_size) if ordered else None
     clients = [SimClient(index=i, base_url=base_url, code=code, human=human, seed=seed,
                          rng_group=i // group_size if ordered else i, gate=gate, lobby_actions=lobby_actions,
                          ack_timeout=ack_timeout, busy_tries=busy_tries, busy_max_wait=busy_max_wait,
-                         ws_tries=ws_tries) for i in range(count)]
+                         ws_tries=ws_tries, leave_at=(leave_at or {}).get(i)) for i in range(count)]
 
     async def arrive(client: SimClient) -> ClientReport:
         await asyncio.sleep(ramp_seconds * client.index / max(1, count))

@@ -341,3 +341,24 @@ def test_load_benchmark_scenarios_set_defaults_and_explicit_options_win() -> Non
     assert (people.participants, people.groups, people.ramp_seconds, people.time_scale) == (1000, None, 60.0, 1.0)
     plain = load.parse_args([])
     assert (plain.participants, plain.groups, plain.ramp_seconds, plain.scenario) == (1000, None, 120.0, None)
+
+
+def _playing(version: int, round_number: int, phase: str) -> dict:
+    return {"type": "state", "version": version, "stage": "playing", "me": {"seat": "S1", "role": "selector"},
+            "game": {"round": round_number, "phase": phase, "todo": False, "phase_started": None, "deadline": None}}
+
+
+async def test_a_client_told_to_leave_closes_its_tab_at_that_phase_and_never_comes_back() -> None:
+    # The fault benchmark's dropouts: before the phase it stays (and here reaches the end) ...
+    server = TinyServer(join=[REDIRECT], play=[GAME_PAGE], ws=[[_playing(1, 1, "pitch"), _state("finished", 2)]])
+    async with server.running() as url:
+        stays = await _client(url, leave_at=(1, "choice"))
+    assert stays.stage == "finished" and stays.left_at is None and stays.errors == []
+
+    # ... at it or past it (here round 2's choice, after round 1's return), it closes and opens no other websocket.
+    server = TinyServer(join=[REDIRECT], play=[GAME_PAGE], ws=[[_playing(1, 2, "choice")], [_state("finished", 2)]])
+    async with server.running() as url:
+        leaves = await _client(url, leave_at=(1, "return"))
+    assert leaves.left_phase == (2, "choice") and leaves.left_at is not None and leaves.errors == []
+    assert server.connections == 1 and len(leaves.ws) == 1 and leaves.stage == "playing"
+    assert leaves.ws[0].closed_at is not None and leaves.ws[0].closed_at >= leaves.ws[0].at
