@@ -452,13 +452,14 @@ class Injector(threading.Thread):
 
             connection.close()
 
-    def _in_flight(self) -> bool:
+    def _in_flight(self) -> int:
+        """Model requests sent less than the model's latency ago: not yet answered."""
         now = time.time()
-        return any(now - s["at"] < self.args.llm_latency for s in self.faults.served[-50:])
+        return sum(now - s["at"] < self.args.llm_latency for s in self.faults.served[-50:])
 
     def kill_worker(self) -> None:
-        wait_until(self._in_flight, 20, every=0.05)
-        flying = sum(time.time() - s["at"] < self.args.llm_latency for s in self.faults.served[-50:])
+        wait_until(lambda: self._in_flight() > 0, 20, every=0.05)
+        flying = self._in_flight()
         struck = time.time()
         self.stack.kill("worker")
         self.worker_kills.append(struck)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import logging
 from typing import Any
 
 from channels.consumer import get_handler_name
@@ -16,13 +15,11 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.db.utils import OperationalError
 
-from experiment import actions, busy, events, presence, services
+from experiment import actions, busy, events, presence
 from experiment.game import RuleError
 from experiment.models import Participant
 from experiment.perprocess import PerProcess
 from experiment.selectors import seat_state
-
-logger = logging.getLogger(__name__)
 
 
 def _off_thread(fn: Any) -> Any:
@@ -88,10 +85,7 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         self.group_id: int | None = None
         await self.accept()
         try:
-            heartbeat = presence.here.get()
-            self.connection_id = await _off_thread(services.connection_open)(
-                participant_id=self.participant_id, process=heartbeat.process)
-            heartbeat.opened(self.connection_id, self)
+            self.connection_id = await presence.here.get().connect(self.participant_id, self)
             await self._send_state()
         except OperationalError as exc:
             if not busy.connection_unavailable(exc):
@@ -121,21 +115,10 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
         await self._uncount()
 
     async def _uncount(self) -> None:
-        """Delete this connection's row, once. Without a database connection this process's heartbeat deletes
-        it as soon as it can (until then the seat may show as connected while it is not)."""
+        """Stop counting this connection as open, once."""
         connection_id, self.connection_id = self.connection_id, None
-        if connection_id is None:
-            return
-        heartbeat = presence.here.get()
-        heartbeat.forget(connection_id)
-        try:
-            await _off_thread(services.connection_close)(connection_id=connection_id, participant_id=self.participant_id)
-        except Exception as exc:
-            if isinstance(exc, OperationalError) and busy.connection_unavailable(exc):
-                busy.report("the participant websocket", exc)
-            else:
-                logger.exception("closing connection %s failed; the heartbeat tries again", connection_id)
-            heartbeat.close_later(connection_id, self.participant_id)
+        if connection_id is not None:
+            await presence.here.get().disconnect(connection_id, self.participant_id)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None:

@@ -50,22 +50,32 @@ class Heartbeat:
         self.closing: dict[int, int] = {}
         self.task: asyncio.Task[None] | None = None
 
-    def opened(self, connection_id: int, consumer: Any) -> None:
-        """Call on the event loop once the row is stored."""
+    async def connect(self, participant_id: int, consumer: Any) -> int:
+        """Count one open websocket of the seat (its row names this process); returns the row's id.
+        Raises OperationalError when the database gives no connection: nothing is counted then."""
+        connection_id = await _off_thread(services.connection_open)(participant_id=participant_id, process=self.process)
         self.open[connection_id] = consumer
         self._ensure_running()
+        return connection_id
 
-    def forget(self, connection_id: int) -> None:
-        """Call on the event loop before the row is deleted (so that no beat takes it for a lost one)."""
-        self.open.pop(connection_id, None)
+    async def disconnect(self, connection_id: int, participant_id: int) -> None:
+        """The websocket closed: delete its row. Without a database connection the next beats delete it, as soon
+        as they can (until then the seat may show as connected while it is not)."""
+        self.open.pop(connection_id, None)  # first, so that no beat takes it for a lost one
+        try:
+            await _off_thread(services.connection_close)(connection_id=connection_id, participant_id=participant_id)
+        except Exception as exc:
+            if isinstance(exc, OperationalError) and busy.connection_unavailable(exc):
+                busy.report("the participant websocket", exc)
+            else:
+                logger.exception("closing connection %s failed; the heartbeat tries again", connection_id)
+            self.closing[connection_id] = participant_id
+            self._ensure_running()
+            return
         if not self.open and not self.closing and self.task is not None:
             if self.task.get_loop() is asyncio.get_running_loop():
                 self.task.cancel()  # nothing left to keep fresh: no task, no query, until the next connection
             self.task = None
-
-    def close_later(self, connection_id: int, participant_id: int) -> None:
-        self.closing[connection_id] = participant_id
-        self._ensure_running()
 
     def _ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
