@@ -1,13 +1,17 @@
 """Runs automated seats (bots, synthetic humans) through the same services as people.
 
-The game code calls two functions only: :func:`bot_controller` when it seats a bot, and
-:func:`schedule_seats` when a phase opens. Everything else happens in the ``seat_act`` job.
+The game code calls three functions only: :func:`bot_controller` when it seats a bot, :func:`schedule_seats`
+when a phase opens, and :func:`rearm` from the sweep. Everything else happens in the ``seat_act`` job.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
 
 from bots.policy import Policy
 from bots.scripted import ScriptedBot
@@ -15,7 +19,7 @@ from bots.synthetic import SyntheticHuman
 from experiment import actions, game
 from experiment.game import RuleError
 from experiment.models import Event, Group, Participant
-from experiment.scheduling import schedule
+from experiment.scheduling import schedule, submit
 
 logger = logging.getLogger(__name__)
 P = Participant
@@ -36,6 +40,15 @@ def policy_for(participant: Participant) -> Policy:
 
 def _rng(participant: Participant, group: Group, purpose: str):
     return game.rng(group.seed, purpose, participant.seat, group.round_number, group.phase)
+
+
+def _planned(p: Participant, group: Group, params: game.Params) -> datetime:
+    """When :func:`schedule_seats` had this (non-LLM) seat act: its policy's delay after the phase opened (or, after a
+    staff pause, after the time the phase's clock restarted from), and never later than just before the deadline."""
+    duration = params.durations[game.Phase(group.phase)]
+    opened = max(group.phase_started_at, group.phase_deadline - timedelta(seconds=duration))
+    delay = policy_for(p).delay(group.phase, duration, _rng(p, group, "delay"))
+    return min(opened + timedelta(seconds=delay), group.phase_deadline - timedelta(seconds=0.2))
 
 
 def schedule_seats(*, group: Group, params: game.Params, pending: list[Participant], now: datetime) -> None:
@@ -72,3 +85,66 @@ def seat_act(*, participant_id: int, round_number: int, phase: str) -> None:
                                  payload={"code": exc.code, "message": exc.message, "action": message})
             logger.info("automated seat %s: %s", participant_id, exc.message)
 
+
+
+# ---- jobs that were lost ---------------------------------------------------------------------------------
+
+_last_rearm = 0.0  # monotonic time of this process's last look (the sweep runs every second; the look costs queries)
+
+
+def rearm(now: datetime, *, force: bool = False) -> int:
+    """Hand out again the jobs of automated seats that still owe an action in a running phase but that nobody works
+    on: their job was lost. Redis restarted without persistence empties the broker's queues, a task's retry cannot be
+    published while the broker is down, an embedded process that restarts forgets its timers. Without this, such a
+    seat waits for the deadline and its default: a bot turn lost to the study.
+
+    A job counts as lost once it is ``PARTNERLAB_REARM_AFTER_SECONDS`` overdue: a seat's planned time (non-LLM seats),
+    the phase's opening with no turn claimed (LLM seats), a claim whose lease ran out, or a release time passed. Every
+    job checks again that its seat still owes the action, so a job handed out twice acts once. Runs at most every
+    ``PARTNERLAB_REARM_EVERY_SECONDS`` per process unless ``force``. Returns how many jobs were handed out."""
+    global _last_rearm
+    from bots.models import BotDecision
+    from experiment import services
+
+    every = settings.PARTNERLAB_REARM_EVERY_SECONDS
+    if not force and time.monotonic() - _last_rearm < every:
+        return 0
+    _last_rearm = time.monotonic()
+    late = timedelta(seconds=settings.PARTNERLAB_REARM_AFTER_SECONDS)
+    groups = (Group.objects.filter(status=Group.Status.PLAYING, paused_at__isnull=True, phase_started_at__lte=now - late,
+                                   phase_deadline__gt=now + timedelta(seconds=1))
+              .filter(participants__controller__in=[P.Controller.LLM, P.Controller.SCRIPTED, P.Controller.SYNTHETIC])
+              .select_related("session__experiment").distinct())
+    handed = 0
+    for group in groups:
+        params = group.session.experiment.params()
+        owed = [p for p in services.pending_seats(group, params) if p.is_automated]
+        turns = {d.participant_id: d for d in BotDecision.objects.filter(
+            participant__in=[p for p in owed if p.controller == P.Controller.LLM],
+            round_number=group.round_number, phase=group.phase)}
+        for p in owed:
+            job = _lost_job(p, group, params, turns.get(p.pk), now - late)
+            if job is not None:
+                name, kwargs = job
+                logger.warning("seat %s: its %s job for round %s %s was lost; handed out again", p.pk, name,
+                               group.round_number, group.phase)
+                submit(name, **kwargs)  # nothing was written: no transaction to wait for
+                handed += 1
+    return handed
+
+
+def _lost_job(p: Participant, group: Group, params: game.Params, turn: Any, overdue_since: datetime
+              ) -> tuple[str, dict[str, Any]] | None:
+    """The job a seat that owes an action should have had running by ``overdue_since``, if nothing shows that it has."""
+    from bots.models import BotDecision
+
+    act = {"participant_id": p.pk, "round_number": group.round_number, "phase": group.phase}
+    if p.controller != P.Controller.LLM:
+        return ("seat_act", act) if _planned(p, group, params) <= overdue_since else None
+    if turn is None:
+        return "llm_decide", act  # the phase opened long enough ago and the turn was never claimed
+    if turn.status == BotDecision.Status.DECIDING and (turn.lease_until is None or turn.lease_until <= overdue_since):
+        return "llm_decide", act  # claimed, then left: its retry or its redelivery never came
+    if turn.status == BotDecision.Status.DECIDED and turn.apply_at is not None and turn.apply_at <= overdue_since:
+        return "llm_apply", {"decision_id": turn.pk}
+    return None

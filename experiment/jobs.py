@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django.utils import timezone
+
 from experiment import services
 
 
@@ -19,7 +21,10 @@ def seat_act(*, participant_id: int, round_number: int, phase: str) -> None:
 
 
 def sweep() -> None:
+    from bots import automation
+
     services.sweep()
+    automation.rearm(timezone.now())
 
 
 def llm_decide(*, participant_id: int, round_number: int, phase: str) -> None:

@@ -45,7 +45,7 @@ def group_summary(group: Group, participants: list[Participant] | None = None) -
     params = group.session.experiment.params()
     seats = participants if participants is not None else list(group.participants.all())
     playing = group.status == Group.Status.PLAYING
-    pending = {p.pk for p in services._pending(group, params)} if playing else set()
+    pending = {p.pk for p in services.pending_seats(group, params)} if playing else set()
     acting = game.actors(game.Phase(group.phase)) if playing else None
     return {
         "id": group.pk, "number": group.number, "condition": group.condition.name, "status": group.status,

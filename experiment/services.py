@@ -282,7 +282,7 @@ def _seats(group: Group, role: str) -> list[Participant]:
     return list(group.participants.filter(role=role).order_by("seat"))
 
 
-def _pending(group: Group, params: game.Params) -> list[Participant]:
+def pending_seats(group: Group, params: game.Params) -> list[Participant]:
     """Seats that still owe an action in the current phase (for the return phase: one per owed return)."""
     return _owed(group, params)[0]
 
@@ -363,7 +363,7 @@ def _phase_finish(group: Group, params: game.Params, now: datetime, *, count_tim
     """Apply defaults for what is missing, settle the round if due, open the next phase or end the game.
     ``missing``: the seats that still owe an action, if the caller knows. Returns what the next phase owes."""
     if missing is None:
-        missing = _pending(group, params)
+        missing = pending_seats(group, params)
     if missing:
         _apply_defaults(group, params, missing, count_timeouts=count_timeouts)
     _log(session_id=group.session_id, type="phase.closed", group=group,
@@ -764,7 +764,7 @@ def group_resume(*, group_id: int, actor_id: int | None) -> None:
          payload={"paused_seconds": paused_for, "deadline": group.phase_deadline.isoformat()})
     params = group.session.experiment.params()
     schedule("phase_close", at=group.phase_deadline, group_id=group.pk, round_number=group.round_number, phase=group.phase)
-    schedule_seats(group=group, params=params, pending=_pending(group, params), now=now)
+    schedule_seats(group=group, params=params, pending=pending_seats(group, params), now=now)
     events.refresh_on_commit(events.group_channel(group.pk))
 
 
@@ -813,7 +813,7 @@ def participant_remove(*, participant_id: int, actor_id: int | None, replace_wit
             events.refresh_on_commit(events.lobby_channel(p.session_id))
         return
     params = group.session.experiment.params()
-    pending = [x for x in _pending(group, params) if x.pk == p.pk]
+    pending = [x for x in pending_seats(group, params) if x.pk == p.pk]
     if pending and group.paused_at is None:
         if replace_with_bot:
             schedule_seats(group=group, params=params, pending=[p], now=now)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from experiment import jobs
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(acks_late=True, ignore_result=True)
@@ -47,10 +50,20 @@ def llm_decide_task(self: Task, *, participant_id: int, round_number: int, phase
         again = decisions.decide_now(participant_id=participant_id, round_number=round_number, phase=phase)
     except SoftTimeLimitExceeded:
         # The call still counts as pending; the retry takes the turn over once its lease runs out.
-        raise self.retry(countdown=decisions.LEASE_MARGIN, max_retries=None) from None
+        _retry(self, decisions.LEASE_MARGIN, "its time limit")
     if again is not None:
-        countdown = max(0.0, (again.at - timezone.now()).total_seconds())
-        raise self.retry(countdown=countdown, max_retries=None)
+        _retry(self, max(0.0, (again.at - timezone.now()).total_seconds()), again.reason)
+
+
+def _retry(task: Task, countdown: float, reason: str) -> None:
+    """Run the task again in ``countdown`` seconds. When the broker cannot take the retry (Redis is down), Celery would
+    drop the task with a traceback; the turn instead stays as it is and the sweep hands it out again once its lease
+    has run out (bots.automation.rearm), with one line in the log."""
+    try:
+        raise task.retry(countdown=countdown, max_retries=None)
+    except Reject as exc:
+        logger.warning("llm_decide %s: could not hand its retry (%s) to the broker (%s); the sweep will hand the turn "
+                       "out again", task.request.kwargs, reason, exc.reason)
 
 
 @shared_task(**{**LLM_TASK_OPTIONS, "bind": False, "soft_time_limit": 50, "time_limit": 60})

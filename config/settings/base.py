@@ -120,6 +120,11 @@ PARTNERLAB_WEB_VIEW_THREADS = env_int("PARTNERLAB_WEB_VIEW_THREADS", 2)
 # or crashed web process stop showing as connected. Keep the limit at three heartbeats or more.
 PARTNERLAB_PRESENCE_HEARTBEAT_SECONDS = float(env_str("PARTNERLAB_PRESENCE_HEARTBEAT_SECONDS", "10"))
 PARTNERLAB_PRESENCE_STALE_SECONDS = float(env_str("PARTNERLAB_PRESENCE_STALE_SECONDS", "30"))
+# Automated seats whose job was lost (a Redis restart empties the broker's queues; a retry cannot be published while
+# the broker is down) get it again from the sweep once it is this many seconds overdue; the sweep looks at most
+# every PARTNERLAB_REARM_EVERY_SECONDS per process (bots.automation.rearm).
+PARTNERLAB_REARM_AFTER_SECONDS = float(env_str("PARTNERLAB_REARM_AFTER_SECONDS", "5"))
+PARTNERLAB_REARM_EVERY_SECONDS = float(env_str("PARTNERLAB_REARM_EVERY_SECONDS", "5"))
 
 CELERY_TASK_ACKS_LATE = True
 # Workers keep their database connections between tasks (config/celery.py hands them back as Django does after

@@ -1,12 +1,13 @@
 """LLM turns in real Celery worker processes (PostgreSQL + Redis): a worker killed in the middle of a model
-call, its task redelivered to a new worker, exactly one decision; and a 429 whose Retry-After spaces the
-task's own retry."""
+call, its task redelivered to a new worker, exactly one decision; a 429 whose Retry-After spaces the
+task's own retry; and a retry the broker cannot take (Redis down), which leaves the turn to the sweep."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -14,6 +15,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
 from bots.fake_openai import FakeOpenAI, Reply
 from bots.models import BotDecision, BotProfile, LLMCall
@@ -22,7 +24,7 @@ from experiment import tasks
 from experiment.models import Message, Participant
 from experiment.scheduling import runner
 from tests.bots.conftest import KEY, KEY_ENV, group_with, profile_create, seat_of
-from tests.livestack import PYTHON, Proc, Processes, clean_env
+from tests.livestack import PYTHON, Proc, Processes, clean_env, free_ports
 
 pytestmark = [pytest.mark.production_stack, pytest.mark.django_db(transaction=True)]
 REDIS_DB = 11  # a Redis database of its own (other stack tests use others), flushed per test
@@ -45,26 +47,33 @@ def broker(production_services: None) -> str:
 
 
 @pytest.fixture
-def workers(broker: str, transactional_db: None, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], Proc]]:
-    env = clean_env(DJANGO_SETTINGS_MODULE="tests.bots.worker_settings", DJANGO_SECRET_KEY=secrets.token_urlsafe(48),
-                    DJANGO_ALLOWED_HOSTS="127.0.0.1", DATABASE_URL=_database_url(), REDIS_URL=broker, **{KEY_ENV: KEY})
-    procs = Processes(tmp_path)
-    count = iter(range(1, 100))
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Processes]:
+    started = Processes(tmp_path)
+    failed_before = request.session.testsfailed
+    try:
+        yield started
+    finally:
+        started.stop_all()  # before pytest-django empties the database: no worker may still write to it
+        if request.session.testsfailed > failed_before:
+            started.dump()
 
-    def start() -> Proc:
+
+@pytest.fixture
+def workers(broker: str, transactional_db: None, procs: Processes) -> Callable[..., Proc]:
+    """Starts Celery workers on the test's broker (or on ``broker=`` another one)."""
+    count = iter(range(1, 100))
+    secret = secrets.token_urlsafe(48)
+
+    def start(*, on: str = broker) -> Proc:
         n = next(count)
+        env = clean_env(DJANGO_SETTINGS_MODULE="tests.bots.worker_settings", DJANGO_SECRET_KEY=secret,
+                        DJANGO_ALLOWED_HOSTS="127.0.0.1", DATABASE_URL=_database_url(), REDIS_URL=on, **{KEY_ENV: KEY})
         worker = procs.start(f"llm-worker-{n}", [PYTHON, "-m", "celery", "-A", "config", "worker", "--concurrency", "2",
                                                   "--loglevel", "INFO", "--hostname", f"llmbots{n}@%h"], env=env)
         worker.wait_for_log(r"@\S+ ready\.", timeout=WORKER_START_SECONDS)
         return worker
 
-    failed_before = request.session.testsfailed
-    try:
-        yield start
-    finally:
-        procs.stop_all()  # before pytest-django empties the database: no worker may still write to it
-        if request.session.testsfailed > failed_before:
-            procs.dump()
+    return start
 
 
 def _enqueue(broker: str, bot: Participant, phase: str = "pitch") -> None:
@@ -84,7 +93,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def test_a_worker_killed_mid_call_is_replaced_and_the_turn_decides_once(fake: FakeOpenAI, broker: str,
-                                                                        workers: Callable[[], Proc]) -> None:
+                                                                        workers: Callable[..., Proc]) -> None:
     profile: BotProfile = profile_create(fake.base_url, timeout_seconds=6.0)
     group = group_with(profile)
     bot = seat_of(group, kind="bot")
@@ -114,7 +123,7 @@ def test_a_worker_killed_mid_call_is_replaced_and_the_turn_decides_once(fake: Fa
 
 
 def test_a_rate_limited_turn_retries_after_retry_after_in_the_worker(fake: FakeOpenAI, broker: str,
-                                                                     workers: Callable[[], Proc]) -> None:
+                                                                     workers: Callable[..., Proc]) -> None:
     profile = profile_create(fake.base_url)
     group = group_with(profile)
     bot = seat_of(group, kind="bot")
@@ -126,3 +135,55 @@ def test_a_rate_limited_turn_retries_after_retry_after_in_the_worker(fake: FakeO
     assert (failed.status, failed.http_status) == ("error", 429) and ok.status == "ok" and ok.applied
     assert (ok.created_at - failed.finished_at).total_seconds() >= 1.9  # the task's retry waited for Retry-After
     assert Message.objects.filter(candidate=bot).count() == 1
+
+
+def _redis_server(procs: Processes, port: int) -> Proc:
+    """A Redis server of the test's own, which it may kill: the shared one serves every other test."""
+    server = procs.start(f"redis-{port}-{len(procs.procs)}", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                                             "--save", "", "--appendonly", "no"], env=clean_env())
+    server.wait_for_log(r"Ready to accept connections", timeout=20)
+    return server
+
+
+def test_a_retry_the_broker_cannot_take_leaves_the_turn_to_the_sweep(fake: FakeOpenAI, production_services: None,
+                                                                      procs: Processes, workers: Callable[..., Proc]) -> None:
+    from bots import automation
+
+    port = free_ports(1)[0]
+    own = f"redis://127.0.0.1:{port}/0"
+    server = _redis_server(procs, port)
+    profile = profile_create(fake.base_url)
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    fake.script(Reply.error(429, retry_after=2, latency=3))  # the answer comes once Redis is gone
+    worker = workers(on=own)
+    _enqueue(own, bot)
+    _wait(lambda: fake.in_flight == 1, 30, "the worker's model call")
+    server.kill()
+    _wait(lambda: LLMCall.objects.filter(participant=bot, http_status=429).exists(), 30, "the 429 recorded")
+    # Celery's own retry cannot be published: it would drop the task with a traceback ("Reject"). The task's process
+    # writes one line instead. (The worker's main process may exit meanwhile: kombu 5.7's Redis transport fails to
+    # put back the running task's message on a dead connection, "Unrecoverable error: AttributeError"; a supervisor
+    # restarts it, as docs/deployment.md requires and as this test does below.)
+    _wait(lambda: "could not hand its retry (RateLimitError) to the broker" in worker.log(), 60, "the warning line")
+    assert "Reject" not in worker.log()
+    decision = BotDecision.objects.get(participant=bot)
+    assert decision.status == BotDecision.Status.DECIDING and len(fake.requests) == 1
+
+    server = _redis_server(procs, port)  # Redis is back, empty: the retry is nowhere
+    worker.kill()  # whether or not its main process is still up: the supervisor's restart
+    workers(on=own)
+    runner.clear()
+    # Once the lease of the retry that never came is past the re-arm limit, the sweep hands the turn out again.
+    past = timezone.now() - timedelta(seconds=settings.PARTNERLAB_REARM_AFTER_SECONDS + 1)
+    BotDecision.objects.filter(pk=decision.pk).update(lease_until=past)
+    type(group).objects.filter(pk=group.pk).update(phase_started_at=past)
+    assert automation.rearm(timezone.now(), force=True) == 1
+    assert [kw for _, _, job, kw in runner._heap if job == "llm_decide"] == [
+        {"participant_id": bot.pk, "round_number": 1, "phase": "pitch"}]
+    runner.clear()
+    _enqueue(own, bot)  # what the sweep's job does in production
+    _wait(lambda: Message.objects.filter(candidate=bot).exists(), 60, "the bot's pitch")
+    decision.refresh_from_db()
+    assert (decision.status, decision.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
+    assert [c.http_status for c in LLMCall.objects.filter(participant=bot).order_by("id")] == [429, None]

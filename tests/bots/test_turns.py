@@ -16,12 +16,13 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from bots import decisions, prompts
+from bots import automation, decisions, prompts
 from bots.automation import bot_controller
 from bots.decisions import RetryAt
 from bots.fake_openai import FakeOpenAI, Reply
 from bots.models import BotDecision, BotProfile, LLMCall
 from experiment import services
+from experiment.jobs import JOBS
 from experiment.models import Choice, Event, Group, Message, Participant, Return
 from experiment.scheduling import runner
 from tests.bots.conftest import KEY, group_with, profile_create, seat_of
@@ -516,3 +517,86 @@ def test_a_release_the_rules_refuse_is_recorded_as_rejected(fake: FakeOpenAI, pr
     d.refresh_from_db()
     assert d.status == BotDecision.Status.REJECTED and d.outcome["0"]["code"] == "message_too_long"
     assert not calls(bot)[0].applied and Event.objects.filter(participant=bot, type="bot.rejected").exists()
+
+
+# ---- jobs lost with the broker ---------------------------------------------------------------------------
+
+def queued(job: str) -> list[dict]:
+    return [kwargs for _, _, name, kwargs in sorted(runner._heap) if name == job]
+
+
+def run_queued() -> None:
+    """Run the queued jobs here, in the test's transaction (the runner's own threads would open connections)."""
+    due = runner._pop_due(float("inf"))
+    for name, kwargs in due:
+        JOBS[name](**kwargs)
+
+
+def opened_ago(group: Group, seconds: float) -> None:
+    """Move the phase's clock back, keeping its length: the phase opened ``seconds`` ago."""
+    g = fresh(group)
+    length = g.phase_deadline - g.phase_started_at
+    started = timezone.now() - timedelta(seconds=seconds)
+    Group.objects.filter(pk=group.pk).update(phase_started_at=started, phase_deadline=started + length)
+
+
+def test_a_turn_whose_jobs_were_lost_is_handed_out_again_by_the_sweep(fake: FakeOpenAI, profile: BotProfile) -> None:
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    turn_of_bot = {"participant_id": bot.pk, "round_number": 1, "phase": "pitch"}
+    runner.clear()  # a Redis restart: the broker forgot every job
+    assert automation.rearm(timezone.now(), force=True) == 0  # just opened: the job may simply not have run yet
+    opened_ago(group, 6)
+    assert automation.rearm(timezone.now(), force=True) == 1
+    assert queued("llm_decide") == [turn_of_bot]
+    assert automation.rearm(timezone.now(), force=True) == 1  # still unclaimed: handed out again (it acts once)
+    runner.clear()
+
+    d = turn(bot, apply=False)
+    assert d.status == BotDecision.Status.DECIDED
+    assert automation.rearm(timezone.now(), force=True) == 0  # decided, its release not overdue
+    BotDecision.objects.filter(pk=d.pk).update(apply_at=timezone.now() - timedelta(seconds=6))
+    runner.clear()  # ... and the release job is lost too
+    assert automation.rearm(timezone.now(), force=True) == 1 and queued("llm_apply") == [{"decision_id": d.pk}]
+    run_queued()
+    d.refresh_from_db()
+    assert d.status == BotDecision.Status.APPLIED and Message.objects.filter(candidate=bot).count() == 1
+    assert len(fake.requests) == 1
+    assert automation.rearm(timezone.now(), force=True) == 0  # nothing owed any more
+
+
+def test_a_claim_whose_retry_never_came_is_handed_out_once_its_lease_runs_out(fake: FakeOpenAI, profile: BotProfile) -> None:
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    runner.clear()
+    opened_ago(group, 6)
+    fake.script(Reply.error(429, retry_after=2))
+    step = decisions.decide_now(participant_id=bot.pk, round_number=1, phase="pitch")
+    assert isinstance(step, RetryAt)  # in Celery, the task's retry; here it is never published
+    assert automation.rearm(timezone.now(), force=True) == 0  # the turn is still leased to its retry
+    BotDecision.objects.filter(participant=bot).update(lease_until=timezone.now() - timedelta(seconds=6))
+    assert automation.rearm(timezone.now(), force=True) == 1
+    assert queued("llm_decide") == [{"participant_id": bot.pk, "round_number": 1, "phase": "pitch"}]
+    runner.clear()
+    d = turn(bot)
+    assert (d.status, d.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
+    assert [(c.status, c.http_status) for c in calls(bot)] == [("error", 429), ("ok", None)]
+
+
+def test_a_scripted_seat_whose_job_was_lost_acts_after_its_planned_time_not_before() -> None:
+    group = group_with(None)  # no profile: the bot candidate is the offline scripted bot
+    bot = seat_of(group, kind="bot")
+    assert bot.controller == P.Controller.SCRIPTED
+    runner.clear()
+    opened_ago(group, 6)  # its planned delay in a pitch phase is 10 s or more
+    assert automation.rearm(timezone.now(), force=True) == 0
+    opened_ago(group, 40)
+    services.group_pause(group_id=group.pk, actor_id=None)
+    assert automation.rearm(timezone.now(), force=True) == 0  # a paused group's seats wait for the resume
+    services.group_resume(group_id=group.pk, actor_id=None)
+    runner.clear()  # the resume's jobs are lost too
+    opened_ago(group, 40)
+    assert automation.rearm(timezone.now(), force=True) == 1
+    assert queued("seat_act") == [{"participant_id": bot.pk, "round_number": 1, "phase": "pitch"}]
+    run_queued()
+    assert Message.objects.filter(candidate=bot).count() == 1
