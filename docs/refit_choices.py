@@ -42,19 +42,29 @@ def load(path: str, reference: str = "hidden") -> tuple[pd.DataFrame, pd.DataFra
 
 def score_bootstrap_p(y: np.ndarray, x: np.ndarray, clusters: np.ndarray, column: int, *, draws: int,
                       seed: int) -> float:
-    """Two-sided p-value of coefficient ``column`` = 0 by the wild cluster score bootstrap."""
+    """Two-sided p-value of coefficient ``column`` = 0 by the wild cluster score bootstrap (docs/analysis.md)."""
     free = np.delete(np.arange(x.shape[1]), column)
     restricted = np.zeros(x.shape[1])
     restricted[free] = sm.GLM(y, x[:, free], family=sm.families.Binomial()).fit().params
     mu = 1 / (1 + np.exp(-(x @ restricted)))
     n_clusters = clusters.max() + 1
-    scores = np.stack([np.bincount(clusters, weights=x[:, j] * (y - mu), minlength=n_clusters)
-                       for j in range(x.shape[1])], axis=1)
+
+    def by_cluster(per_obs: np.ndarray) -> np.ndarray:
+        return np.stack([np.bincount(clusters, weights=per_obs[:, j], minlength=n_clusters)
+                         for j in range(per_obs.shape[1])], axis=1)
+
+    scores = by_cluster(x * (y - mu)[:, None])
     information = (x * (mu * (1 - mu))[:, None]).T @ x
-    a = scores @ np.linalg.solve(information, np.eye(x.shape[1])[column])
+    direction = np.linalg.solve(information, np.eye(x.shape[1])[column])
+    a = scores @ direction
     t = a.sum() / math.sqrt(a @ a)
     w = np.random.default_rng(seed).choice(WEBB, size=(draws, n_clusters))
-    t_boot = (w @ a) / np.sqrt((w ** 2) @ a ** 2)
+    # Each draw: perturb the cluster scores, re-estimate the free coefficients by one Newton step.
+    basis = np.eye(x.shape[1])[:, free]
+    moves = by_cluster(x * (mu * (1 - mu) * (x @ direction))[:, None]) @ basis
+    steps = np.linalg.solve(basis.T @ information @ basis, basis.T @ (w @ scores).T).T
+    a_boot = w * a[None, :] - steps @ moves.T
+    t_boot = a_boot.sum(axis=1) / np.sqrt((a_boot ** 2).sum(axis=1))
     return float(np.mean(np.abs(t_boot) >= abs(t) - 1e-12))
 
 

@@ -72,7 +72,7 @@ def test_restricted_fit_satisfies_the_restriction_and_is_the_ml_fit_at_the_estim
 def test_score_bootstrap_p_values_are_uniform_under_a_planted_null() -> None:
     """300 studies of 12 groups with no difference in slopes: p-values spread evenly over (0, 1).
 
-    Measured over 300 studies at 12 groups the rejection rate is about 7 % (the bootstrap is slightly liberal with
+    Measured over a few thousand studies at 10–12 groups the rejection rate is about 6–7 % (slightly liberal with
     6 groups per arm; docs/analysis.md has the rates at 10–80 groups). With 300 studies, 34 or more rejections
     (11 %) would be more than 2.5 standard errors above even that; clustering by selector instead rejects far
     more often.
