@@ -1,12 +1,14 @@
 """The preference-shift analysis: how the share of selectors choosing bots changes across rounds, by condition.
 
 - :func:`summary_rows`: per condition × round, the number of choices, the share going to bot candidates
-  with a 95 % Wilson interval, mean amount sent and mean return ratio by partner type. Aggregated
-  by the database, so it is cheap enough for a staff page.
+  with a 95 % interval clustered by group (a design-effect-adjusted Wilson interval), mean amount sent and
+  mean return ratio by partner type. Aggregated by the database, so it is cheap enough for a staff page.
 - :func:`belief_rows`: belief accuracy (misattribution) where identity was hidden.
 - :func:`plot`: share of bot choices by round with the interval as a band, per condition (PNG or SVG).
-- :func:`regression`: logistic regression of choosing a bot on round × condition, standard errors
-  clustered by selector, with a reading in plain words.
+- :func:`regression`: logistic regression of choosing a bot on round × condition, inference clustered by
+  group (session and selector on request) with a small-cluster method (:mod:`experiment.inference`) when
+  there are fewer than 50 clusters, a mixed-effects logit as a robustness line, and a reading in plain words.
+  docs/analysis.md explains what is estimated, how and why.
 - :func:`report_html`: all of it in one self-contained HTML page (``manage.py analyze``).
 
 pandas, statsmodels and matplotlib are imported inside the functions that need them: importing this
@@ -64,8 +66,12 @@ SUMMARY_COLUMNS: list[tuple[str, str]] = [
     ("n_choices", "Choices counted: human selectors who chose a candidate (defaults at the deadline left out)."),
     ("n_bot", "Of these, choices of a bot candidate."),
     ("share_bot", "n_bot / n_choices."),
-    ("share_bot_low", "Lower end of the 95 % Wilson interval of share_bot."),
-    ("share_bot_high", "Upper end of the 95 % Wilson interval of share_bot."),
+    ("share_bot_low", "Lower end of the 95 % interval of share_bot, clustered (see cluster): Wilson interval with the "
+                      "design-effect-adjusted sample size and Student's t on n_clusters − 1 degrees of freedom."),
+    ("share_bot_high", "Upper end of the same 95 % clustered interval of share_bot."),
+    ("cluster", "Unit the interval is clustered by: group (default), session or selector."),
+    ("n_clusters", "Clusters with at least one counted choice in this condition × round."),
+    ("design_effect", "Variance of share_bot from the cluster totals over the binomial variance, floored at 1."),
     ("mean_sent_bot", "Mean points sent to bot candidates."),
     ("mean_sent_human", "Mean points sent to human candidates."),
     ("mean_return_ratio_bot", "Mean of returned / (sent × multiplier) for bot candidates (returns decided, sent > 0)."),
@@ -107,8 +113,31 @@ def counted_choices(*, scope: Scope, include_timeouts: bool = False) -> QuerySet
     return qs if include_timeouts else qs.filter(timed_out=False)
 
 
-def summary_rows(*, scope: Scope, include_timeouts: bool = False) -> list[dict[str, Any]]:
-    """One row per condition × round with the columns of :data:`SUMMARY_COLUMNS`."""
+SUMMARY_CLUSTER_PATHS = {"group": "group_id", "session": "group__session_id", "selector": "selector_id"}
+
+
+def _cluster_totals(*, scope: Scope, include_timeouts: bool, cluster: str) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """Per condition × round, each cluster's (choices, bot choices)."""
+    if cluster not in SUMMARY_CLUSTER_PATHS:
+        raise ValueError(f"The cluster level must be one of {', '.join(SUMMARY_CLUSTER_PATHS)}, not {cluster!r}.")
+    per_cluster = (
+        counted_choices(scope=scope, include_timeouts=include_timeouts)
+        .values("group__condition__name", "round_number", SUMMARY_CLUSTER_PATHS[cluster])
+        .annotate(n=Count("id"), n_bot=Count("id", filter=Q(candidate__kind=P.Kind.BOT)))
+        .order_by()
+    )
+    totals: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    for row in per_cluster:
+        totals.setdefault((row["group__condition__name"], row["round_number"]), []).append((row["n"], row["n_bot"]))
+    return totals
+
+
+def summary_rows(*, scope: Scope, include_timeouts: bool = False, cluster: str = "group") -> list[dict[str, Any]]:
+    """One row per condition × round with the columns of :data:`SUMMARY_COLUMNS`; the interval of the share is
+    clustered by ``cluster`` (:func:`experiment.inference.cluster_share_interval`)."""
+    from experiment.inference import cluster_share_interval
+
+    totals = _cluster_totals(scope=scope, include_timeouts=include_timeouts, cluster=cluster)
     bot, human = Q(candidate__kind=P.Kind.BOT), Q(candidate__kind=P.Kind.HUMAN)
     decided = Q(multiplied__gt=0, return_decision__isnull=False)
     ratio = Cast(F("return_decision__returned"), FloatField()) / NullIf(Cast(F("multiplied"), FloatField()), Value(0.0))
@@ -126,12 +155,13 @@ def summary_rows(*, scope: Scope, include_timeouts: bool = False) -> list[dict[s
     order = _conditions_order(scope)
     out = []
     for row in aggregated:
-        low, high = wilson(row["n_bot"], row["n_choices"])
+        share = cluster_share_interval(totals.get((row["group__condition__name"], row["round_number"]), []))
         out.append({
             "condition": row["group__condition__name"], "disclosed": row["group__condition__disclose_identity"],
             "round": row["round_number"], "n_choices": row["n_choices"], "n_bot": row["n_bot"],
             "share_bot": row["n_bot"] / row["n_choices"] if row["n_choices"] else None,
-            "share_bot_low": low, "share_bot_high": high,
+            "share_bot_low": share["low"], "share_bot_high": share["high"], "cluster": cluster,
+            "n_clusters": share["n_clusters"], "design_effect": share["deff"],
             **{k: (float(row[k]) if row[k] is not None else None)
                for k in ("mean_sent_bot", "mean_sent_human", "mean_return_ratio_bot", "mean_return_ratio_human")},
             "n_returns_bot": row["n_returns_bot"], "n_returns_human": row["n_returns_human"],
@@ -223,7 +253,7 @@ def _by_condition(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, An
 
 
 def plot(rows: Sequence[dict[str, Any]], *, fmt: PlotFormat = "png", chance: float | None = None) -> bytes:
-    """Share of choices going to bots by round, one line per condition with its 95 % Wilson band."""
+    """Share of choices going to bots by round, one line per condition with its 95 % (clustered) band."""
     fig, ax = _figure("Share of choices going to bot candidates", "Share to bots (95 % CI)")
     for i, (condition, series) in enumerate(_by_condition(rows).items()):
         colour = COLOURS[i % len(COLOURS)]
@@ -275,6 +305,17 @@ def _experiments(scope: Scope) -> list[Any]:
 
 # ---- regression ---------------------------------------------------------------------------------------
 
+Cluster = Literal["group", "session", "selector"]
+Inference = Literal["auto", "bootstrap", "crve"]
+CLUSTERS: dict[str, str] = {"group": "group_id", "session": "session_id", "selector": "selector_id"}
+INFERENCES = ("auto", "bootstrap", "crve")
+# Below this many clusters ``auto`` uses the score bootstrap: ordinary cluster-robust errors are known to be
+# too small with few clusters (Cameron & Miller 2015 put the danger zone at a few dozen).
+FEW_CLUSTERS = 50
+BOOTSTRAP_DRAWS = 9999
+BOOTSTRAP_SEED = 20250718  # fixed: the same data always give the same report
+
+
 @dataclass
 class Slope:
     condition: str
@@ -291,35 +332,86 @@ class Slope:
 
 @dataclass
 class Regression:
-    """Logit of choosing a bot on round × condition, standard errors clustered by selector."""
+    """Logit of choosing a bot on round × condition, inference clustered at ``cluster`` by ``method``."""
 
     formula: str = ""
     n: int = 0
     n_selectors: int = 0
+    n_groups: int = 0
+    cluster: str = "group"
+    n_clusters: int = 0
+    method: str = ""
+    method_text: str = ""
+    draws: int = 0
+    seed: int = 0
     reference: str = ""
     coefficients: list[dict[str, Any]] = field(default_factory=list)
     slopes: list[Slope] = field(default_factory=list)
     differences: list[Slope] = field(default_factory=list)
     predicted: dict[str, tuple[float, float, int, int]] = field(default_factory=dict)
+    mixed: dict[str, Any] = field(default_factory=dict)
     reading: list[str] = field(default_factory=list)
     text: str = ""
     error: str = ""
+    # What :meth:`test` needs: the design's columns, the estimates, the clustered covariance, the bootstrap.
+    columns: list[str] = field(default_factory=list, repr=False)
+    params: Any = field(default=None, repr=False)
+    cov: Any = field(default=None, repr=False)
+    bootstrap: Any = field(default=None, repr=False)
+
+    COEFFICIENT_COLUMNS = ("term", "estimate", "se", "p", "low", "high", "odds_ratio", "cluster", "n_clusters", "method")
 
     def coefficients_csv(self) -> str:
-        return rows_csv(self.coefficients, [(k, k) for k in ("term", "estimate", "se", "z", "p", "low", "high", "odds_ratio")])
+        return rows_csv(self.coefficients, [(k, k) for k in self.COEFFICIENT_COLUMNS])
+
+    def weights(self, combination: Mapping[str, float]) -> Any:
+        import numpy as np
+
+        unknown = set(combination) - set(self.columns)
+        if unknown:
+            raise ValueError(f"Unknown term(s) {', '.join(sorted(unknown))}; the terms are {', '.join(self.columns)}.")
+        return np.array([float(combination.get(t, 0.0)) for t in self.columns])
+
+    def estimate(self, combination: Mapping[str, float]) -> tuple[float, float]:
+        """Point estimate and cluster-robust (CR1) standard error of a linear combination of terms."""
+        w = self.weights(combination)
+        return float(w @ self.params), float(math.sqrt(max(float(w @ self.cov @ w), 0.0)))
+
+    def test(self, combination: Mapping[str, float], value: float = 0.0) -> float:
+        """Two-sided p-value of H0: combination · β = value by the declared method."""
+        if self.method == "score-bootstrap":
+            return self.bootstrap.test(self.weights(combination), value).p
+        from experiment.inference import crve_test
+
+        estimate, se = self.estimate(combination)
+        return crve_test(estimate=estimate, se=se, n_clusters=self.n_clusters, value=value)[0]
+
+    def slope_of(self, combination: Mapping[str, float], name: str, *, interval: bool = True) -> Slope:
+        from experiment.inference import crve_test
+
+        estimate, se = self.estimate(combination)
+        if self.method == "score-bootstrap":
+            p = self.bootstrap.test(self.weights(combination), 0.0).p
+            low, high = (self.bootstrap.interval(self.weights(combination), estimate=estimate, scale=se)
+                         if interval else (math.nan, math.nan))
+        else:
+            p, low, high = crve_test(estimate=estimate, se=se, n_clusters=self.n_clusters)
+        return Slope(condition=name, estimate=estimate, se=se, low=low, high=high, p=p)
 
 
 def choice_frame(*, scope: Scope, include_timeouts: bool = False) -> Any:
-    """Choice-level data for modelling: bot (0/1), round, condition, selector_id (a pandas DataFrame)."""
+    """Choice-level data for modelling (a pandas DataFrame): bot (0/1), round, condition, selector_id,
+    group_id, session_id — the same columns a researcher gets from the ``choices`` export."""
     import pandas as pd
 
     values = (counted_choices(scope=scope, include_timeouts=include_timeouts)
-              .values_list("candidate__kind", "round_number", "group__condition__name", "selector_id")
+              .values_list("candidate__kind", "round_number", "group__condition__name", "selector_id", "group_id",
+                           "group__session_id")
               .order_by("id"))
     frame = pd.DataFrame.from_records(list(values.iterator(chunk_size=5000)),
-                                      columns=["kind", "round", "condition", "selector_id"])
+                                      columns=["kind", "round", "condition", "selector_id", "group_id", "session_id"])
     frame["bot"] = (frame["kind"] == P.Kind.BOT).astype(int)
-    return frame.drop(columns=["kind"])
+    return frame.drop(columns=["kind"])[["bot", "round", "condition", "selector_id", "group_id", "session_id"]]
 
 
 def _p_text(p: float) -> str:
@@ -330,23 +422,68 @@ def _percent(x: float) -> str:
     return f"{100 * x:.0f} %"
 
 
-def regression(*, scope: Scope, include_timeouts: bool = False) -> Regression:
-    """Fit ``bot ~ (round − 1) × condition`` (logit) with standard errors clustered by selector."""
+def regression(*, scope: Scope, include_timeouts: bool = False, cluster: str = "group",
+               inference: str = "auto") -> Regression:
+    """Fit ``bot ~ (round − 1) × condition`` (logit), inference clustered at ``cluster``."""
     frame = choice_frame(scope=scope, include_timeouts=include_timeouts)
-    return fit_regression(frame=frame, conditions_order=_conditions_order(scope))
+    return fit_regression(frame=frame, conditions_order=_conditions_order(scope), cluster=cluster, inference=inference)
 
 
-def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = None, describe: bool = True) -> Regression:
+def check_inference(*, cluster: str, inference: str) -> None:
+    if cluster not in CLUSTERS:
+        raise ValueError(f"The cluster level must be one of {', '.join(CLUSTERS)}, not {cluster!r}.")
+    if inference not in INFERENCES:
+        raise ValueError(f"The inference method must be one of {', '.join(INFERENCES)}, not {inference!r}.")
+
+
+def _method_text(result: Regression, inference: str) -> str:
+    unit = {"group": "group (mini-society)", "session": "session", "selector": "selector"}[result.cluster]
+    why = {"group": "the selectors of one group see the same candidates and the same bots, so their choices are "
+                    "not independent; the group is the unit of independent replication",
+           "session": "groups of one session share a time slot and a recruitment wave",
+           "selector": "this treats the groups' selectors as independent of one another, which the game does not "
+                       "guarantee (they see the same candidates): use it as a sensitivity check only"}[result.cluster]
+    text = f"Inference is clustered by {unit} ({result.n_clusters} clusters): {why}."
+    if result.method == "score-bootstrap":
+        reason = (f"with fewer than {FEW_CLUSTERS} clusters ordinary cluster-robust standard errors are too small"
+                  if inference == "auto" else "as asked")
+        text += (f" P-values and 95 % intervals come from a wild cluster score bootstrap ({reason}): Kline & Santos's "
+                 f"score bootstrap for the logit, Webb six-point weights, the null hypothesis imposed, {result.draws} "
+                 f"draws (seed {result.seed}); intervals by inverting the test. Standard errors shown are the "
+                 "cluster-robust (CR1) ones, for reference.")
+    else:
+        reason = (f"with {FEW_CLUSTERS} or more clusters they are reliable" if inference == "auto" else "as asked")
+        text += (f" P-values and 95 % intervals use cluster-robust (CR1) standard errors ({reason}) with Student's t on "
+                 f"{result.n_clusters - 1} degrees of freedom (G − 1).")
+    return text
+
+
+def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = None, describe: bool = True,
+                   cluster: str = "group", inference: str = "auto", draws: int = BOOTSTRAP_DRAWS,
+                   seed: int = BOOTSTRAP_SEED, intervals: bool = True, mixed: bool | None = None) -> Regression:
     """:func:`regression` on a frame shaped like :func:`choice_frame` (in memory: ``manage.py power`` fits
     simulated choices with it). ``conditions_order``: condition → rank, the reference arm is "hidden" when
-    present, else the first; ``describe=False`` skips the plain-words reading and the statsmodels summary."""
+    present, else the first; ``describe=False`` skips the plain-words reading and the statsmodels summary;
+    ``intervals=False`` skips the bootstrap intervals (p-values and :meth:`Regression.test` still work);
+    ``mixed``: also fit the mixed-effects logit (default: when describing)."""
     import warnings
 
     import numpy as np
     import pandas as pd
     import statsmodels.api as sm
 
-    result = Regression(n=len(frame), n_selectors=int(frame["selector_id"].nunique()) if len(frame) else 0)
+    from experiment.inference import ScoreBootstrap
+
+    check_inference(cluster=cluster, inference=inference)
+    column = CLUSTERS[cluster]
+    result = Regression(n=len(frame), cluster=cluster)
+    if column not in frame.columns:
+        result.error = f"The data have no {column} column, so inference cannot be clustered by {cluster}."
+        return result
+    if len(frame):
+        result.n_selectors = int(frame["selector_id"].nunique())
+        result.n_groups = int(frame["group_id"].nunique()) if "group_id" in frame.columns else 0
+        result.n_clusters = int(frame[column].nunique())
     if len(frame) == 0:
         result.error = "No choices to model yet."
         return result
@@ -357,8 +494,9 @@ def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = N
         result.error = ("Every counted choice went to the same kind of candidate, so the odds cannot be estimated "
                         f"(all {'bots' if frame['bot'].iloc[0] else 'humans'}).")
         return result
-    if result.n_selectors < 2:
-        result.error = "At least two selectors are needed for standard errors clustered by selector."
+    if result.n_clusters < 2:
+        result.error = (f"Inference clustered by {cluster} needs at least two {cluster}s; these data have "
+                        f"{result.n_clusters}. Choose a finer cluster level (--cluster group) or collect more.")
         return result
 
     order = dict(conditions_order or {})
@@ -376,8 +514,9 @@ def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = N
     terms = " + ".join(["round", *others, *(f"round:{c}" for c in others)])
     result.formula = f"logit P(bot) = const + {terms}  (round counted from 0 at round {int(frame['round'].min())}; "  \
                      f"reference condition: {reference})"
+    result.columns = list(design.columns)
 
-    groups = pd.factorize(frame["selector_id"])[0]
+    codes = pd.factorize(frame[column])[0]
     thin = [c for c in conditions if frame.loc[frame["condition"] == c, "round"].nunique() < 2]
     if thin:
         result.error = (f"Condition {', '.join(thin)} has choices from a single round so far: its change across rounds "
@@ -391,40 +530,49 @@ def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = N
             warnings.simplefilter("error", category=RuntimeWarning)
             warnings.simplefilter("error", category=ModelWarning)
             fit = sm.GLM(frame["bot"].astype(float), design, family=sm.families.Binomial()).fit(
-                cov_type="cluster", cov_kwds={"groups": groups})
+                cov_type="cluster", cov_kwds={"groups": codes})
     except Exception as exc:  # statsmodels signals separation and singular designs in several ways
         result.error = f"The model could not be fitted: {exc}"
         return result
     if not np.all(np.isfinite(fit.bse)):
-        result.error = (f"Standard errors clustered by selector cannot be estimated from these {result.n_selectors} "
-                        "selectors (too few, or too little variation within them).")
+        result.error = (f"Standard errors clustered by {cluster} cannot be estimated from these {result.n_clusters} "
+                        "clusters (too few, or too little variation within them).")
+        return result
+    result.params = np.asarray(fit.params, dtype=float)
+    result.cov = np.asarray(fit.cov_params(), dtype=float)
+    use_bootstrap = inference == "bootstrap" or (inference == "auto" and result.n_clusters < FEW_CLUSTERS)
+    result.method = "score-bootstrap" if use_bootstrap else "crve"
+    if use_bootstrap:
+        result.draws, result.seed = draws, seed
+        result.bootstrap = ScoreBootstrap(design=design.to_numpy(), y=frame["bot"].to_numpy(), clusters=codes,
+                                          draws=draws, seed=seed)
+    result.method_text = _method_text(result, inference)
+
+    try:
+        for term in design.columns:
+            s = result.slope_of({term: 1.0}, term, interval=intervals)
+            result.coefficients.append({
+                "term": term, "estimate": s.estimate, "se": s.se, "p": s.p, "low": s.low, "high": s.high,
+                "odds_ratio": s.odds_ratio, "cluster": cluster, "n_clusters": result.n_clusters, "method": result.method,
+            })
+        by_term = {c["term"]: c for c in result.coefficients}
+
+        def from_term(term: str, name: str) -> Slope:
+            c = by_term[term]
+            return Slope(condition=name, estimate=c["estimate"], se=c["se"], low=c["low"], high=c["high"], p=c["p"])
+
+        result.slopes.append(from_term("round", reference))
+        for c in others:
+            result.slopes.append(result.slope_of({"round": 1.0, f"round:{c}": 1.0}, c, interval=intervals))
+            result.differences.append(from_term(f"round:{c}", c))
+    except Exception as exc:  # a restricted fit that does not converge: say so rather than report nonsense
+        result.error = f"The {result.method} inference failed on these data: {exc}"
         return result
 
-    ci = fit.conf_int(alpha=0.05)
-    for term in design.columns:
-        result.coefficients.append({
-            "term": term, "estimate": float(fit.params[term]), "se": float(fit.bse[term]), "z": float(fit.tvalues[term]),
-            "p": float(fit.pvalues[term]), "low": float(ci.loc[term, 0]), "high": float(ci.loc[term, 1]),
-            "odds_ratio": float(np.exp(fit.params[term])),
-        })
-
-    def contrast(weights: dict[str, float], name: str) -> Slope:
-        vector = np.array([[weights.get(t, 0.0) for t in design.columns]])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=RuntimeWarning)  # finite SEs were checked above
-            test = fit.t_test(vector)
-        low, high = test.conf_int(alpha=0.05)[0]
-        return Slope(condition=name, estimate=float(np.squeeze(test.effect)), se=float(np.squeeze(test.sd)),
-                     low=float(low), high=float(high), p=float(np.squeeze(test.pvalue)))
-
-    result.slopes.append(contrast({"round": 1.0}, reference))
-    for c in others:
-        result.slopes.append(contrast({"round": 1.0, f"round:{c}": 1.0}, c))
-        result.differences.append(contrast({f"round:{c}": 1.0}, c))
-
-    if not all(math.isfinite(x) for s in result.slopes + result.differences for x in (s.estimate, s.low, s.high)):
-        result.error = (f"Standard errors clustered by selector cannot be estimated from these {result.n_selectors} "
-                        "selectors (too few, or too little variation within them).")
+    bounds = [x for s in result.slopes + result.differences for x in (s.low, s.high)] if intervals else []
+    if not all(math.isfinite(s.estimate) for s in result.slopes + result.differences) or any(math.isnan(x) for x in bounds):
+        result.error = (f"Standard errors clustered by {cluster} cannot be estimated from these {result.n_clusters} "
+                        "clusters (too few, or too little variation within them).")
         return result
     first, last = int(frame["round"].min()), int(frame["round"].max())
     for c in conditions:
@@ -435,15 +583,63 @@ def fit_regression(*, frame: Any, conditions_order: Mapping[str, int] | None = N
             row1 |= {c: 1.0, f"round:{c}": float(last - first)}
         logit = [sum(fit.params[t] * v for t, v in row.items()) for row in (row0, row1)]
         result.predicted[c] = (1 / (1 + math.exp(-logit[0])), 1 / (1 + math.exp(-logit[1])), first, last)
+    if mixed if mixed is not None else describe:
+        result.mixed = fit_mixed(frame=frame, design=design, reference=reference, others=others)
     if describe:
         result.reading = _reading(result)
         result.text = str(fit.summary())
     return result
 
 
+def fit_mixed(*, frame: Any, design: Any, reference: str, others: Sequence[str]) -> dict[str, Any]:
+    """The robustness line: a mixed-effects logit with random intercepts for groups and for selectors (within
+    groups: selector ids are unique across groups), fitted with statsmodels' BinomialBayesMixedGLM by
+    variational Bayes. Its slopes are conditional on a group and a selector (subject-specific), so they are
+    larger in magnitude than the population-averaged ones of the main logit when the random effects are large;
+    the variational posterior is known to understate uncertainty somewhat. Returns {} on failure (with the
+    reason under "error")."""
+    import warnings
+
+    import numpy as np
+    import pandas as pd
+    from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
+
+    if "group_id" not in frame.columns:
+        return {"error": "no group_id column"}
+    groups = pd.factorize(frame["group_id"])[0]
+    selectors = pd.factorize(frame["selector_id"])[0]
+    # Random-effect design: one indicator column per group, then one per selector; two variance components.
+    from scipy import sparse
+
+    rows = np.r_[np.arange(len(frame)), np.arange(len(frame))]
+    exog_vc = sparse.csr_matrix((np.ones(2 * len(frame)), (rows, np.r_[groups, groups.max() + 1 + selectors])),
+                                shape=(len(frame), groups.max() + 1 + selectors.max() + 1))
+    ident = np.r_[np.zeros(groups.max() + 1, dtype=int), np.ones(selectors.max() + 1, dtype=int)]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = BinomialBayesMixedGLM(frame["bot"].to_numpy(dtype=float), design.to_numpy(), exog_vc, ident,
+                                          fep_names=list(design.columns), vcp_names=["group", "selector"])
+            fit = model.fit_vb()
+    except Exception as exc:  # the robustness line must not take the report down with it
+        return {"error": f"the mixed-effects logit could not be fitted: {exc}"}
+    mean, sd = np.asarray(fit.fe_mean), np.asarray(fit.fe_sd)
+    columns = list(design.columns)
+    rows = []
+    for term in columns:
+        i = columns.index(term)
+        rows.append({"term": term, "estimate": float(mean[i]), "sd": float(sd[i]),
+                     "low": float(mean[i] - Z95 * sd[i]), "high": float(mean[i] + Z95 * sd[i])})
+    return {"coefficients": rows,
+            # vcp_mean is the posterior mean of log(SD) of each variance component.
+            "sd_group": float(np.exp(fit.vcp_mean[0])), "sd_selector": float(np.exp(fit.vcp_mean[1])),
+            "method": "statsmodels BinomialBayesMixedGLM, variational Bayes (fit_vb): random intercepts for group and "
+                      "for selector within group; 95 % intervals are posterior mean ± 1.96 posterior SD"}
+
+
 def _reading(result: Regression) -> list[str]:
-    lines = [f"Based on {result.n} choices by {result.n_selectors} human selectors; standard errors are "
-             "clustered by selector, so repeated choices of one person are not treated as independent."]
+    lines = [f"Based on {result.n} choices by {result.n_selectors} human selectors in {result.n_groups} groups. "
+             + result.method_text]
     for slope in result.slopes:
         p0, p1, first, last = result.predicted[slope.condition]
         per_round = (p1 - p0) / (last - first) if last > first else 0.0
@@ -468,6 +664,16 @@ def _reading(result: Regression) -> list[str]:
         lines.append(f"The trend in the {diff.condition} condition {verdict} the trend in the {result.reference} "
                      f"condition: the difference is {diff.estimate:+.3f} log-odds per round (95 % CI {diff.low:+.3f} to "
                      f"{diff.high:+.3f}; {_p_text(diff.p)}).")
+    mixed = {c["term"]: c for c in result.mixed.get("coefficients", [])}
+    for diff in result.differences:
+        m = mixed.get(f"round:{diff.condition}")
+        if m:
+            lines.append(f"Robustness: a mixed-effects logit with random intercepts for groups and selectors gives "
+                         f"{m['estimate']:+.3f} log-odds per round for the same difference (95 % interval "
+                         f"{m['low']:+.3f} to {m['high']:+.3f}; estimated SD of the group intercepts "
+                         f"{result.mixed['sd_group']:.2f}, of the selector intercepts {result.mixed['sd_selector']:.2f}).")
+    if result.mixed.get("error"):
+        lines.append(f"Robustness: {result.mixed['error']}.")
     return lines
 
 
@@ -489,11 +695,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def report_context(*, scope: Scope, title: str, include_timeouts: bool = False) -> dict[str, Any]:
-    summary = summary_rows(scope=scope, include_timeouts=include_timeouts)
+def report_context(*, scope: Scope, title: str, include_timeouts: bool = False, cluster: str = "group",
+                   inference: str = "auto") -> dict[str, Any]:
+    summary = summary_rows(scope=scope, include_timeouts=include_timeouts, cluster=cluster)
     beliefs = belief_rows(scope=scope)
     chance = bot_share_of_candidates(scope=scope)
-    fit = regression(scope=scope, include_timeouts=include_timeouts)
+    fit = regression(scope=scope, include_timeouts=include_timeouts, cluster=cluster, inference=inference)
     return {
         "title": title,
         "generated_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -506,15 +713,19 @@ def report_context(*, scope: Scope, title: str, include_timeouts: bool = False) 
         "share_plot_svg": _svg_inline(plot(summary, fmt="svg", chance=chance)),
         "returns_plot_svg": _svg_inline(plot_returns(summary, fmt="svg")),
         "regression": fit,
-        "coefficients": [[c["term"], *(_fmt(c[k]) for k in ("estimate", "se", "z", "p", "low", "high", "odds_ratio"))]
+        "coefficients": [[c["term"], *(_fmt(c[k]) for k in ("estimate", "se", "p", "low", "high", "odds_ratio"))]
                          for c in fit.coefficients],
+        "mixed": [[c["term"], *(_fmt(c[k]) for k in ("estimate", "sd", "low", "high"))]
+                  for c in fit.mixed.get("coefficients", [])],
         "slopes": [[s.condition, _fmt(s.estimate), _fmt(s.se), _fmt(s.low), _fmt(s.high), _fmt(s.odds_ratio), _fmt(s.p)]
                    for s in fit.slopes],
         "raw": {"summary": summary, "beliefs": beliefs},
     }
 
 
-def report_html(*, scope: Scope, title: str, include_timeouts: bool = False) -> str:
+def report_html(*, scope: Scope, title: str, include_timeouts: bool = False, cluster: str = "group",
+                inference: str = "auto") -> str:
     """A self-contained HTML report: summary, plots (inline SVG), belief accuracy, regression and its reading."""
-    context = report_context(scope=scope, title=title, include_timeouts=include_timeouts)
+    context = report_context(scope=scope, title=title, include_timeouts=include_timeouts, cluster=cluster,
+                             inference=inference)
     return render_to_string("experiment/staff/report.html", context)

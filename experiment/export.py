@@ -302,6 +302,13 @@ def _is_bot(kind_path: str) -> Expression:
                 default=Value(False), output_field=BooleanField())
 
 
+def _counted() -> Expression:
+    # The same rule as experiment.analysis.counted_choices (a test holds them together).
+    machine = [P.Controller.SCRIPTED, P.Controller.LLM, P.Controller.SYNTHETIC]
+    rule = Q(candidate__isnull=False, selector__kind=P.Kind.HUMAN, timed_out=False) & ~Q(decided_by__in=machine)
+    return Case(When(rule, then=Value(True)), default=Value(False), output_field=BooleanField())
+
+
 def _ratio(numerator: str, denominator: str) -> Expression:
     return Cast(F(numerator), FloatField()) / NullIf(Cast(F(denominator), FloatField()), Value(0.0))
 
@@ -414,6 +421,12 @@ def _choices_columns() -> list[Column]:
             type="integer", unit="points"),
         col("choice_timed_out", "timed_out", "True when the choice is the default applied at the deadline."),
         col("choice_decided_by", "decided_by"),
+        col("counted", _counted(),
+            "True when the preference-shift analysis (manage.py analyze, docs/analysis.md) counts this choice: a human "
+            "selector seat, a decision made by the person (not by a bot or synthetic filler after a takeover), a "
+            "candidate chosen, and not a default applied at the deadline (analyze --include-timeouts adds those back: "
+            "choice_timed_out = True with a candidate and a human selector seat). Filter on it to refit the model "
+            "from this file alone.", type="boolean"),
         col("choice_seconds", "decision_seconds", unit="seconds"),
         col("return_timed_out", "return_decision__timed_out", "True when the return is the default (0) applied at the deadline."),
         col("return_decided_by", "return_decision__decided_by", "What made the return decision: {help}"),

@@ -133,6 +133,9 @@ def test_summary_recovers_planted_shares(planted: Session) -> None:
             group__session=planted, group__condition__name=row["condition"], round_number=row["round"], timed_out=False).count()
         assert row["share_bot"] == pytest.approx(row["n_bot"] / row["n_choices"])
         assert row["share_bot_low"] <= row["share_bot"] <= row["share_bot_high"]
+        # Clustered by group: 50 groups per condition; selectors choose independently here, so little design effect.
+        assert row["cluster"] == "group" and row["n_clusters"] == GROUPS_PER_CONDITION
+        assert 1.0 <= row["design_effect"] < 2.0
         covered += row["share_bot_low"] <= true_share(row["condition"], row["round"]) <= row["share_bot_high"]
         # Exactly planted return ratios: bots 2/3, humans 1/3.
         assert row["mean_return_ratio_bot"] == pytest.approx(2 / 3)
@@ -184,20 +187,51 @@ def test_regression_recovers_planted_slopes(planted: Session) -> None:
     assert p1 == pytest.approx(true_share("disclosed", ROUNDS), abs=0.08)
 
 
-def test_standard_errors_are_clustered_by_selector(planted: Session) -> None:
-    """Same point estimates as an ordinary logit of the same design, but cluster-robust standard errors."""
+def test_standard_errors_are_clustered_by_group_by_default(planted: Session) -> None:
+    """Same point estimates as an ordinary logit of the same design; standard errors clustered by group, and with
+    100 groups (50 or more) cluster-robust errors with t(G − 1), not the bootstrap."""
     import statsmodels.api as sm
 
     frame = analysis.choice_frame(scope=Scope.session(planted.pk))
     fit = analysis.regression(scope=Scope.session(planted.pk))
+    assert (fit.cluster, fit.n_clusters, fit.n_groups, fit.method) == ("group", 2 * GROUPS_PER_CONDITION,
+                                                                        2 * GROUPS_PER_CONDITION, "crve")
     design = frame.assign(const=1.0, r=frame["round"] - 1)
-    naive = sm.Logit(design["bot"], design[["const", "r"]].assign(
-        d=(frame["condition"] == "disclosed").astype(float),
-        rd=(frame["round"] - 1) * (frame["condition"] == "disclosed"))).fit(disp=0)
-    clustered_se = {c["term"]: c["se"] for c in fit.coefficients}
-    assert fit.coefficients[1]["term"] == "round"
-    assert fit.coefficients[1]["estimate"] == pytest.approx(naive.params["r"], rel=1e-6)
-    assert clustered_se["round"] != pytest.approx(naive.bse["r"], rel=1e-3)
+    x = design[["const", "r"]].assign(d=(frame["condition"] == "disclosed").astype(float),
+                                      rd=(frame["round"] - 1) * (frame["condition"] == "disclosed"))
+    by_group = sm.GLM(design["bot"], x, family=sm.families.Binomial()).fit(
+        cov_type="cluster", cov_kwds={"groups": frame["group_id"].to_numpy()})
+    terms = {c["term"]: c for c in fit.coefficients}
+    assert terms["round"]["estimate"] == pytest.approx(by_group.params["r"], rel=1e-6)
+    assert terms["round:disclosed"]["se"] == pytest.approx(by_group.bse["rd"], rel=1e-6)
+    assert {c["cluster"] for c in fit.coefficients} == {"group"} and {c["method"] for c in fit.coefficients} == {"crve"}
+    # (The mixed-effects line is the same whatever the cluster level: skipped here, it is the slow part.)
+    by_selector = analysis.fit_regression(frame=frame, cluster="selector", mixed=False)
+    assert by_selector.n_clusters == 2 * 3 * GROUPS_PER_CONDITION
+    assert by_selector.coefficients[1]["se"] != pytest.approx(terms["round"]["se"], rel=1e-3)
+    one_session = analysis.fit_regression(frame=frame, cluster="session", mixed=False)
+    assert "needs at least two sessions" in one_session.error
+    with pytest.raises(ValueError, match="cluster level must be one of group, session, selector"):
+        analysis.regression(scope=Scope.session(planted.pk), cluster="nonsense")
+
+
+def test_few_groups_use_the_score_bootstrap_and_say_so(planted: Session) -> None:
+    """With 16 groups the default is the wild cluster score bootstrap; its interval is the inverted test, and the
+    reading says which unit and method. (Whether such intervals cover the truth 95 % of the time is a property
+    over many studies, measured by ``manage.py power`` in docs/analysis.md, not of this one draw.)"""
+    Group.objects.filter(session=planted, number__gt=16).delete()
+    scope = Scope.session(planted.pk)
+    fit = analysis.fit_regression(frame=analysis.choice_frame(scope=scope), draws=999)
+    assert not fit.error and (fit.n_clusters, fit.method) == (16, "score-bootstrap")
+    (difference,) = fit.differences
+    assert difference.low < difference.estimate < difference.high
+    # Inverting the test: at the bounds the p-value is alpha (within the bisection's step).
+    assert fit.bootstrap.test(fit.weights({"round:disclosed": 1.0}), difference.high + 0.01).p <= 0.05
+    assert fit.bootstrap.test(fit.weights({"round:disclosed": 1.0}), difference.high - 0.01).p > 0.05
+    reading = " ".join(fit.reading)
+    assert "clustered by group (mini-society) (16 clusters)" in reading
+    assert "score bootstrap" in reading and "fewer than 50 clusters" in reading and "Webb" in reading
+    assert "mixed-effects logit" in reading
 
 
 def test_belief_accuracy_table(planted: Session) -> None:
@@ -235,9 +269,22 @@ def test_summary_csv_plots_and_report(planted: Session, tmp_path: Path) -> None:
     # Self-contained: plots inline, nothing loaded from elsewhere.
     assert html.count("<svg") >= 2 and "<script" not in html and "<link" not in html
     assert not re.search(r'(src|href)="(https?:)?//', html)
-    assert "round:disclosed" in html and "rose across rounds" in html and "clustered by selector" in html
+    assert "round:disclosed" in html and "rose across rounds" in html and "clustered by group" in html
+    assert "100 clusters" in html and "mixed-effects" in html
     assert (out / "summary.csv").read_text() == analysis.rows_csv(rows, analysis.SUMMARY_COLUMNS)
-    assert "round:disclosed" in (out / "regression.csv").read_text()
+    coefficients = list(csv.DictReader(io.StringIO((out / "regression.csv").read_text())))
+    assert [c["term"] for c in coefficients] == ["const", "round", "disclosed", "round:disclosed"]
+    assert {(c["cluster"], c["n_clusters"], c["method"]) for c in coefficients} == {("group", "100", "crve")}
+
+
+def test_analyze_refuses_an_unknown_cluster_or_method(planted: Session, tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="cluster level must be one of group, session, selector, not 'nonsense'"):
+        call_command("analyze", session=planted.pk, out=tmp_path / "x", cluster="nonsense")
+    with pytest.raises(CommandError, match="inference method must be one of auto, bootstrap, crve"):
+        call_command("analyze", session=planted.pk, out=tmp_path / "x", inference="magic")
+    assert not (tmp_path / "x").exists()
+    call_command("analyze", session=planted.pk, out=tmp_path / "s", cluster="selector", inference="crve")
+    assert "clustered by selector (300 clusters)" in (tmp_path / "s" / "regression.txt").read_text()
 
 
 def test_analyze_refuses_bad_scope(tmp_path: Path) -> None:

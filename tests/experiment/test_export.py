@@ -157,6 +157,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
                     "selector_payoff": s(payoff.points if payoff else None),
                     "candidate_earned": s(c.multiplied - returned if ret else None),
                     "choice_timed_out": s(c.timed_out), "choice_decided_by": c.decided_by,
+                    "counted": s(c.candidate_id is not None and c.selector.kind == "human" and not c.timed_out
+                                 and c.decided_by not in ("scripted", "llm", "synthetic")),
                     "choice_seconds": s(c.decision_seconds), "return_decided_by": ret.decided_by if ret else "",
                     "return_timed_out": s(ret.timed_out if ret else None),
                     "return_seconds": s(ret.decision_seconds if ret else None), "chosen_at": s(c.created_at),

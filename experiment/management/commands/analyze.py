@@ -21,10 +21,20 @@ class Command(BaseCommand):
         parser.add_argument("--out", required=True, type=Path, help="Directory to write into (created if missing).")
         parser.add_argument("--include-timeouts", action="store_true",
                             help="Count choices applied by default at a deadline (left out by default).")
+        parser.add_argument("--cluster", default="group",
+                            help="Unit of inference: group (default; the mini-society, the independent unit), session, "
+                                 "or selector (a sensitivity check). Clusters the regression and the summary's intervals.")
+        parser.add_argument("--inference", default="auto",
+                            help="auto (default: the wild cluster score bootstrap with fewer than 50 clusters, "
+                                 "cluster-robust errors with t(G-1) otherwise), bootstrap, or crve. See docs/analysis.md.")
 
     def handle(self, *args, **o) -> None:
         from experiment import analysis
 
+        try:
+            analysis.check_inference(cluster=o["cluster"], inference=o["inference"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
         try:
             if o["session"] is not None:
                 scope = Scope.session(o["session"])
@@ -40,7 +50,8 @@ class Command(BaseCommand):
             raise CommandError(f"--out {out} exists and is not a directory.")
         out.mkdir(parents=True, exist_ok=True)
         include = o["include_timeouts"]
-        context = analysis.report_context(scope=scope, title=title, include_timeouts=include)
+        context = analysis.report_context(scope=scope, title=title, include_timeouts=include, cluster=o["cluster"],
+                                          inference=o["inference"])
         summary = context["raw"]["summary"]
         chance = analysis.bot_share_of_candidates(scope=scope)
         from django.template.loader import render_to_string
@@ -57,7 +68,10 @@ class Command(BaseCommand):
         fit = context["regression"]
         if not fit.error:
             files["regression.csv"] = fit.coefficients_csv().encode()
-            files["regression.txt"] = (fit.formula + "\n\n" + "\n\n".join(fit.reading) + "\n\n" + fit.text + "\n").encode()
+            files["regression.txt"] = (fit.formula + "\n\n" + "\n\n".join(fit.reading) + "\n\n"
+                                       "statsmodels output (its SEs, z and intervals are CR1 with the normal "
+                                       "reference; the p-values and intervals above are the declared method's):\n\n"
+                                       + fit.text + "\n").encode()
         for name, data in files.items():
             (out / name).write_bytes(data)
             self.stdout.write(f"  {out / name}")
