@@ -111,6 +111,26 @@ class Stack:
         self.log: list[dict[str, Any]] = []
         self.t0 = time.time()
         self._starts: Counter[str] = Counter()
+        self._lock = threading.RLock()  # the supervisor and the injector both start and kill
+        self.unexpected_exits: list[dict[str, Any]] = []  # processes that ended on their own, restarted
+        self._halt = threading.Event()
+
+    def supervise(self) -> None:
+        """Do what production's supervisor does (docs/deployment.md): restart a process that ended on its own, e.g.
+        a Celery worker whose Redis connection dropped (kombu 5.7 then exits with "Unrecoverable error")."""
+        def loop() -> None:
+            while not self._halt.wait(1.0):
+                with self._lock:
+                    for name, proc in list(self.procs.items()):
+                        if not proc.running():
+                            self.unexpected_exits.append({"t": round(time.time() - self.t0, 1), "process": proc.name,
+                                                          "exit": proc.popen.returncode})
+                            self.note(f"{proc.name} exited on its own ({proc.popen.returncode}); the supervisor "
+                                      "restarts it")
+                            self.old.append(self.procs.pop(name))
+                            self.start(name)
+
+        threading.Thread(target=loop, name="supervisor", daemon=True).start()
 
     def note(self, what: str, **extra: Any) -> None:
         self.log.append({"t": round(time.time() - self.t0, 1), "what": what, **extra})
@@ -130,16 +150,18 @@ class Stack:
         }[name]
 
     def start(self, name: str) -> None:
-        self._starts[name] += 1
-        label = name if self._starts[name] == 1 else f"{name}-{self._starts[name]}"
-        self.procs[name] = Proc(label, self.argv(name), env=self.env, logs=self.logs)
+        with self._lock:
+            self._starts[name] += 1
+            label = name if self._starts[name] == 1 else f"{name}-{self._starts[name]}"
+            self.procs[name] = Proc(label, self.argv(name), env=self.env, logs=self.logs)
 
     def kill(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pgid, signal.SIGKILL)
-        proc.popen.wait(timeout=10)
-        self.old.append(proc)
+        with self._lock:
+            proc = self.procs.pop(name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pgid, signal.SIGKILL)
+            proc.popen.wait(timeout=10)
+            self.old.append(proc)
 
     def web_children(self) -> list[int]:
         master = self.procs["web"].pgid
@@ -158,8 +180,10 @@ class Stack:
         return [*self.old, *self.procs.values()]
 
     def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            proc.stop()
+        self._halt.set()
+        with self._lock:
+            for proc in reversed(list(self.procs.values())):
+                proc.stop()
 
 
 def wait_until(check: Callable[[], bool], timeout: float, every: float = 0.25) -> bool:
@@ -300,6 +324,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                              + "\n".join(f"--- {p.name}\n{p.tail()}" for p in stack.all()))
         code = 1
         stack.t0 = time.time()
+        stack.supervise()
         clients = args.groups * experiment.n_humans
         rng = random.Random(args.seed)
         decision_phases = [(r, ph) for r in range(1, args.rounds + 1) for ph in ("pitch", "choice", "return")]
@@ -324,6 +349,7 @@ def main(argv: Iterable[str] | None = None) -> int:
                                    end_presence)
         report["llm_calls"] = _call_summary(session.pk)
         report["served"] = dict(Counter(s["kind"] for s in faults.served))
+        report["unexpected_exits"] = stack.unexpected_exits
         report["ok"] = all(c["ok"] for c in report["checks"].values())
         code = 0 if report["ok"] else 1
     except KeyboardInterrupt as exc:
@@ -765,6 +791,7 @@ def _text(r: dict[str, Any]) -> str:
     if "served" in r:
         out.append(f"model requests served: {r['served']}")
         out.append(f"LLM calls: {json.dumps(r['llm_calls'])}")
+        out.append(f"processes that exited on their own (restarted by the supervisor): {r['unexpected_exits'] or 0}")
     if "ok" in r:
         out.append(f"ALL TARGETS MET in {r['total_s']} s" if r["ok"] else f"TARGETS MISSED ({r['total_s']} s)")
     if "logs" in r:
