@@ -42,13 +42,17 @@ def _rng(participant: Participant, group: Group, purpose: str):
     return game.rng(group.seed, purpose, participant.seat, group.round_number, group.phase)
 
 
-def _planned(p: Participant, group: Group, params: game.Params) -> datetime:
-    """When :func:`schedule_seats` had this (non-LLM) seat act: its policy's delay after the phase opened (or, after a
-    staff pause, after the time the phase's clock restarted from), and never later than just before the deadline."""
-    duration = params.durations[game.Phase(group.phase)]
-    opened = max(group.phase_started_at, group.phase_deadline - timedelta(seconds=duration))
+def _act_at(p: Participant, group: Group, duration: float, since: datetime) -> datetime:
+    """When a (non-LLM) seat acts: its policy's delay after ``since``, never later than just before the deadline."""
     delay = policy_for(p).delay(group.phase, duration, _rng(p, group, "delay"))
-    return min(opened + timedelta(seconds=delay), group.phase_deadline - timedelta(seconds=0.2))
+    return min(since + timedelta(seconds=delay), group.phase_deadline - timedelta(seconds=0.2))
+
+
+def _planned(p: Participant, group: Group, params: game.Params) -> datetime:
+    """When :func:`schedule_seats` had this seat act: counted from the phase's opening or, after a staff pause, from
+    the time the phase's clock restarted from."""
+    duration = params.durations[game.Phase(group.phase)]
+    return _act_at(p, group, duration, max(group.phase_started_at, group.phase_deadline - timedelta(seconds=duration)))
 
 
 def schedule_seats(*, group: Group, params: game.Params, pending: list[Participant], now: datetime) -> None:
@@ -60,9 +64,8 @@ def schedule_seats(*, group: Group, params: game.Params, pending: list[Participa
             # The model is asked at once, in a worker; bots.decisions releases its answer after a human-like delay.
             schedule("llm_decide", participant_id=p.pk, round_number=group.round_number, phase=group.phase)
             continue
-        delay = policy_for(p).delay(group.phase, duration, _rng(p, group, "delay"))
-        at = min(now + timedelta(seconds=delay), group.phase_deadline - timedelta(seconds=0.2))
-        schedule("seat_act", at=at, participant_id=p.pk, round_number=group.round_number, phase=group.phase)
+        schedule("seat_act", at=_act_at(p, group, duration, now), participant_id=p.pk, round_number=group.round_number,
+                 phase=group.phase)
 
 
 def seat_act(*, participant_id: int, round_number: int, phase: str) -> None:
@@ -84,7 +87,6 @@ def seat_act(*, participant_id: int, round_number: int, phase: str) -> None:
                                  round_number=round_number, phase=phase,
                                  payload={"code": exc.code, "message": exc.message, "action": message})
             logger.info("automated seat %s: %s", participant_id, exc.message)
-
 
 
 # ---- jobs that were lost ---------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def llm_decide_task(self: Task, *, participant_id: int, round_number: int, phase
     except SoftTimeLimitExceeded:
         # The call still counts as pending; the retry takes the turn over once its lease runs out.
         _retry(self, decisions.LEASE_MARGIN, "its time limit")
+        return
     if again is not None:
         _retry(self, max(0.0, (again.at - timezone.now()).total_seconds()), again.reason)
 

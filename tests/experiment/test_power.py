@@ -181,20 +181,15 @@ def test_command_plants_the_estimand_and_refuses_bad_input() -> None:
                  "--seed", "1", "--draws", "199", stdout=table)
     assert "coverage" in table.getvalue() and "True value of round:disclosed" in table.getvalue()
     base = ["power", "--experiment", experiment.slug, "--reps", "2"]
-    with pytest.raises(CommandError, match="slope needs a number, not 'abc'"):
-        call_command(*base, "--groups", "4", "--plant", "slope=abc")
-    with pytest.raises(CommandError, match="a name among slope, start"):
-        call_command(*base, "--groups", "4", "--plant", "steepness=0.3")
-    with pytest.raises(CommandError, match="needs slope=VALUE"):
-        call_command(*base, "--groups", "4", "--plant", "start=0.3")
-    with pytest.raises(CommandError, match="between 0 and 1"):
-        call_command(*base, "--groups", "4", "--plant", "slope=0.3,start=1.5")
-    with pytest.raises(CommandError, match="standard deviation"):
-        call_command(*base, "--groups", "4", "--plant", "slope=0.3,group_sd=-1")
-    with pytest.raises(CommandError, match="at least 2"):
-        call_command(*base, "--groups", "1", "--plant", "slope=0.3")
-    with pytest.raises(CommandError, match="at least 2"):
-        call_command(*base, "--groups", "10,0", "--effect", "0.1")
+    for match, args in [("slope needs a number, not 'abc'", ["--groups", "4", "--plant", "slope=abc"]),
+                        ("a name among slope, start", ["--groups", "4", "--plant", "steepness=0.3"]),
+                        ("needs slope=VALUE", ["--groups", "4", "--plant", "start=0.3"]),
+                        ("between 0 and 1", ["--groups", "4", "--plant", "slope=0.3,start=1.5"]),
+                        ("standard deviation", ["--groups", "4", "--plant", "slope=0.3,group_sd=-1"]),
+                        ("at least 2", ["--groups", "1", "--plant", "slope=0.3"]),
+                        ("at least 2", ["--groups", "10,0", "--effect", "0.1"])]:
+        with pytest.raises(CommandError, match=match):
+            call_command(*base, *args)
     with pytest.raises(CommandError, match="cluster level must be one of group, session, selector"):
         call_command(*base, "--groups", "4", "--plant", "slope=0.3", "--cluster", "nonsense")
     with pytest.raises(CommandError, match="not allowed with argument"):
