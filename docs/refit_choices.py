@@ -2,15 +2,16 @@
 
     python refit_choices.py choices.csv [--draws 9999] [--seed 20250718]
 
-Needs only numpy, pandas and statsmodels. It fits the model ``manage.py analyze`` fits,
+Needs only numpy, pandas, scipy and statsmodels. It fits the model ``manage.py analyze`` fits,
 
     logit P(bot) = const + round0 + disclosed + round0:disclosed      (round0 = round − 1)
 
-on the rows with ``counted = True``, prints the estimates with standard errors clustered by group (CR1) and
-Student's t on G − 1 degrees of freedom, and a wild cluster score bootstrap p-value for the round0:disclosed
-term (Webb weights, null imposed). With the same draws and seed the bootstrap p-value is the one
-``analyze`` reports, because the clusters are numbered in the same order (the file's row order). See
-docs/analysis.md for what each step means.
+on the rows with ``counted = True``, prints the estimates with standard errors clustered by group: CR1 (with
+Student's t on G − 1 degrees of freedom, what ``analyze`` uses from 50 groups on) and CR2 (with Student's t on
+the Bell–McCaffrey degrees of freedom, what ``analyze`` uses below 50 groups), and a wild cluster score
+bootstrap p-value for the round0:disclosed term (Webb weights, null imposed; ``analyze --inference
+bootstrap``). With the same draws and seed the bootstrap p-value is the one ``analyze`` reports, because the
+clusters are numbered in the same order (the file's row order). See docs/analysis.md for what each step means.
 """
 
 from __future__ import annotations
@@ -68,6 +69,27 @@ def score_bootstrap_p(y: np.ndarray, x: np.ndarray, clusters: np.ndarray, column
     return float(np.mean(np.abs(t_boot) >= abs(t) - 1e-12))
 
 
+def cr2(y: np.ndarray, x: np.ndarray, beta: np.ndarray, clusters: np.ndarray, column: int) -> tuple[float, float]:
+    """CR2 standard error and Bell–McCaffrey degrees of freedom of coefficient ``column`` (docs/analysis.md)."""
+    mu = 1 / (1 + np.exp(-(x @ beta)))
+    w = mu * (1 - mu)
+    xt, et = x * np.sqrt(w)[:, None], (y - mu) / np.sqrt(w)  # the last IRLS step's weighted design and residuals
+    information = xt.T @ xt
+    bread = np.linalg.inv(information)
+    bc = bread[:, column]
+    n_clusters = clusters.max() + 1
+    terms, uu, q = np.empty(n_clusters), np.empty(n_clusters), np.empty((n_clusters, x.shape[1]))
+    for g in range(n_clusters):
+        rows = np.flatnonzero(clusters == g)
+        values, vectors = np.linalg.eigh(np.eye(len(rows)) - xt[rows] @ bread @ xt[rows].T)
+        keep = values > 1e-10
+        a = (vectors[:, keep] / np.sqrt(values[keep])) @ vectors[:, keep].T  # (I − H_gg)^(−1/2)
+        u = a @ (xt[rows] @ bc)
+        terms[g], uu[g], q[g] = u @ et[rows], u @ u, bread @ (xt[rows].T @ u)
+    m = np.diag(uu) - q @ information @ q.T
+    return math.sqrt(terms @ terms), float(np.trace(m) ** 2 / np.sum(m * m))
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("choices", help="choices.csv from a PartnerLab export")
@@ -79,15 +101,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_clusters = int(clusters.max()) + 1
     fit = sm.GLM(counted["candidate_is_bot"].astype(str).eq("True").astype(float), design,
                  family=sm.families.Binomial()).fit(cov_type="cluster", cov_kwds={"groups": clusters})
-    quantile = stats.t.ppf(0.975, n_clusters - 1)
     print(f"{len(counted)} counted choices, {counted['selector_id'].nunique()} selectors, {n_clusters} groups")
-    print(f"{'term':<18} {'estimate':>9} {'SE (CR1)':>9} {'p t(G-1)':>9} {'95 % low':>9} {'95 % high':>9}")
-    for term in design.columns:
+    print(f"{'term':<18} {'estimate':>9} {'SE (CR1)':>9} {'p t(G-1)':>9} {'SE (CR2)':>9} {'BM df':>6} {'p CR2':>9} "
+          f"{'95 % low':>9} {'95 % high':>9}  (interval: CR2, t on BM df)")
+    out: dict[str, float] = {}
+    for i, term in enumerate(design.columns):
         b, se = fit.params[term], fit.bse[term]
         p = 2 * stats.t.sf(abs(b / se), n_clusters - 1)
-        print(f"{term:<18} {b:>9.4f} {se:>9.4f} {p:>9.4f} {b - quantile * se:>9.4f} {b + quantile * se:>9.4f}")
-    out = {f"estimate:{t}": float(fit.params[t]) for t in design.columns} | \
-          {f"se:{t}": float(fit.bse[t]) for t in design.columns}
+        se2, df = cr2(fit.model.endog, design.to_numpy(), np.asarray(fit.params), clusters, i)
+        p2, half = 2 * stats.t.sf(abs(b / se2), df), stats.t.ppf(0.975, df) * se2
+        print(f"{term:<18} {b:>9.4f} {se:>9.4f} {p:>9.4f} {se2:>9.4f} {df:>6.2f} {p2:>9.4f} {b - half:>9.4f} "
+              f"{b + half:>9.4f}")
+        out |= {f"estimate:{term}": float(b), f"se:{term}": float(se), f"p:{term}": float(p),
+                f"se_cr2:{term}": se2, f"df_cr2:{term}": df, f"p_cr2:{term}": float(p2)}
     interaction = [t for t in design.columns if t.startswith("round:")]
     for term in interaction:
         p = score_bootstrap_p(fit.model.endog, design.to_numpy(), clusters, list(design.columns).index(term),

@@ -3,7 +3,7 @@ its 95 % intervals cover the truth.
 
 For each number of groups and each repetition, N groups' choices are simulated, put in a frame shaped like
 :func:`experiment.analysis.choice_frame` and fitted with :func:`experiment.analysis.fit_regression`: the
-same logit, clustered by group, with the same small-cluster method (the score bootstrap below 50 groups)
+same logit, clustered by group, with the same small-cluster method (CR2 with Bell–McCaffrey degrees of freedom below 50 groups)
 that ``analyze`` reports. Two ways to make the choices:
 
 **The planted estimand** (:class:`Plant`, ``--plant slope=0.3``): choices drawn straight from a logit. For
@@ -348,5 +348,5 @@ def estimate_power(*, params: game.Params, conditions: Sequence[game.ConditionSp
 def method_for(groups: int, inference: str) -> str:
     """The method ``fit_regression`` picks for a number of group clusters."""
     if inference == "auto":
-        return "score-bootstrap" if groups < FEW_CLUSTERS else "crve"
+        return "cr2" if groups < FEW_CLUSTERS else "crve"
     return {"bootstrap": "score-bootstrap"}.get(inference, inference)

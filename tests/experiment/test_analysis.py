@@ -215,13 +215,35 @@ def test_standard_errors_are_clustered_by_group_by_default(planted: Session) -> 
         analysis.regression(scope=Scope.session(planted.pk), cluster="nonsense")
 
 
-def test_few_groups_use_the_score_bootstrap_and_say_so(planted: Session) -> None:
-    """With 16 groups the default is the wild cluster score bootstrap; its interval is the inverted test, and the
-    reading says which unit and method. (Whether such intervals cover the truth 95 % of the time is a property
-    over many studies, measured by ``manage.py power`` in docs/analysis.md, not of this one draw.)"""
+def test_few_groups_use_cr2_with_bell_mccaffrey_degrees_of_freedom_and_say_so(planted: Session) -> None:
+    """With 16 groups the default is CR2 with Student's t on the Bell–McCaffrey degrees of freedom: the interval is
+    estimate ± t(df) × CR2 error, the degrees of freedom are below G − 1, and the reading says which unit and method.
+    (Whether such intervals cover the truth 95 % of the time is a property over many studies, measured by
+    ``manage.py power`` in docs/analysis.md, not of this one draw.)"""
+    from scipy import stats
+
     Group.objects.filter(session=planted, number__gt=16).delete()
     scope = Scope.session(planted.pk)
-    fit = analysis.fit_regression(frame=analysis.choice_frame(scope=scope), draws=999)
+    fit = analysis.fit_regression(frame=analysis.choice_frame(scope=scope))
+    assert not fit.error and (fit.n_clusters, fit.method) == (16, "cr2")
+    (difference,) = fit.differences
+    assert 1 < difference.df < 15
+    half = stats.t.ppf(0.975, difference.df) * difference.se
+    assert (difference.low, difference.high) == pytest.approx((difference.estimate - half, difference.estimate + half))
+    assert difference.p == pytest.approx(2 * stats.t.sf(abs(difference.estimate) / difference.se, difference.df))
+    assert {c["method"] for c in fit.coefficients} == {"cr2"} and all(c["df"] < 15 for c in fit.coefficients)
+    reading = " ".join(fit.reading)
+    assert "clustered by group (mini-society) (16 clusters)" in reading
+    assert "CR2" in reading and "Bell–McCaffrey degrees of freedom" in reading and "fewer than 50 clusters" in reading
+    assert "mixed-effects logit" in reading
+    html = analysis.report_html(scope=scope, title="t")
+    assert "SE (CR2)</th><th>df</th>" in html and "<td>cr2</td>" not in html
+
+
+def test_the_score_bootstrap_on_request_inverts_its_test_and_says_so(planted: Session) -> None:
+    Group.objects.filter(session=planted, number__gt=16).delete()
+    scope = Scope.session(planted.pk)
+    fit = analysis.fit_regression(frame=analysis.choice_frame(scope=scope), inference="bootstrap", draws=999)
     assert not fit.error and (fit.n_clusters, fit.method) == (16, "score-bootstrap")
     (difference,) = fit.differences
     assert difference.low < difference.estimate < difference.high
@@ -229,9 +251,7 @@ def test_few_groups_use_the_score_bootstrap_and_say_so(planted: Session) -> None
     assert fit.bootstrap.test(fit.weights({"round:disclosed": 1.0}), difference.high + 0.01).p <= 0.05
     assert fit.bootstrap.test(fit.weights({"round:disclosed": 1.0}), difference.high - 0.01).p > 0.05
     reading = " ".join(fit.reading)
-    assert "clustered by group (mini-society) (16 clusters)" in reading
-    assert "score bootstrap" in reading and "fewer than 50 clusters" in reading and "Webb" in reading
-    assert "mixed-effects logit" in reading
+    assert "score bootstrap" in reading and "as asked" in reading and "Webb" in reading
 
 
 def test_belief_accuracy_table(planted: Session) -> None:
@@ -274,13 +294,14 @@ def test_summary_csv_plots_and_report(planted: Session, tmp_path: Path) -> None:
     assert (out / "summary.csv").read_text() == analysis.rows_csv(rows, analysis.SUMMARY_COLUMNS)
     coefficients = list(csv.DictReader(io.StringIO((out / "regression.csv").read_text())))
     assert [c["term"] for c in coefficients] == ["const", "round", "disclosed", "round:disclosed"]
-    assert {(c["cluster"], c["n_clusters"], c["method"]) for c in coefficients} == {("group", "100", "crve")}
+    assert {(c["cluster"], c["n_clusters"], c["method"], c["df"]) for c in coefficients} == {("group", "100", "crve", "99")}
+    assert "SE (CR1)</th><th>df</th>" in html
 
 
 def test_analyze_refuses_an_unknown_cluster_or_method(planted: Session, tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="cluster level must be one of group, session, selector, not 'nonsense'"):
         call_command("analyze", session=planted.pk, out=tmp_path / "x", cluster="nonsense")
-    with pytest.raises(CommandError, match="inference method must be one of auto, bootstrap, crve"):
+    with pytest.raises(CommandError, match="inference method must be one of auto, cr2, bootstrap, crve"):
         call_command("analyze", session=planted.pk, out=tmp_path / "x", inference="magic")
     assert not (tmp_path / "x").exists()
     call_command("analyze", session=planted.pk, out=tmp_path / "s", cluster="selector", inference="crve")

@@ -1,4 +1,5 @@
-"""The small-cluster inference: the score bootstrap, its test-inverted intervals, clustered shares.
+"""The small-cluster inference: CR2 with Bell–McCaffrey degrees of freedom, the score bootstrap, its test-inverted
+intervals, clustered shares.
 
 Pure numpy: no database. Data are planted with a group-level random intercept and a group-level random
 slope, so that choices within a group are correlated across rounds and clustering by group matters.
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 
 from experiment import analysis
-from experiment.inference import WEBB, ScoreBootstrap, cluster_share_interval, crve_test, webb_weights
+from experiment.inference import CR2, WEBB, ScoreBootstrap, cluster_share_interval, crve_test, webb_weights
 
 INTERACTION = np.array([0.0, 0.0, 0.0, 1.0])
 
@@ -145,3 +146,59 @@ def test_cluster_share_interval_widens_with_the_design_effect() -> None:
     assert cluster_share_interval([]) == {"share": None, "low": None, "high": None, "deff": None, "n_clusters": 0}
     none = cluster_share_interval([(10, 0), (5, 0)])
     assert none["low"] == 0.0 and none["deff"] == 1.0 and none["high"] < 1
+
+
+# ---- CR2 ----------------------------------------------------------------------------------------------
+
+def test_cr2_with_one_observation_per_cluster_is_hc2_and_welch_for_two_samples() -> None:
+    """For a linear model with singleton clusters CR2 is HC2; for a difference of two means HC2 is Welch's variance
+    and the Bell–McCaffrey degrees of freedom have a closed form (the Welch–Satterthwaite one with equal
+    working variances)."""
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(3)
+    n1, n2 = 7, 12
+    d = np.r_[np.zeros(n1), np.ones(n2)]
+    x = np.column_stack([np.ones(n1 + n2), d])
+    y = rng.normal(size=n1 + n2) * np.where(d == 1, 3.0, 1.0)
+    ols = sm.OLS(y, x).fit(cov_type="HC2")
+    cr2 = CR2(weighted_design=x, working_residuals=y - x @ ols.params, clusters=np.arange(n1 + n2))
+    se, df = cr2.contrast([0.0, 1.0])
+    assert se == pytest.approx(ols.bse[1], rel=1e-10)
+    assert se == pytest.approx(math.sqrt(y[:n1].var(ddof=1) / n1 + y[n1:].var(ddof=1) / n2), rel=1e-10)
+    assert df == pytest.approx((1 / n1 + 1 / n2) ** 2 / (1 / (n1 ** 2 * (n1 - 1)) + 1 / (n2 ** 2 * (n2 - 1))))
+    mean = CR2(weighted_design=np.ones((9, 1)), working_residuals=y[:9] - y[:9].mean(), clusters=np.arange(9))
+    se, df = mean.contrast([1.0])
+    assert (se, df) == pytest.approx((y[:9].std(ddof=1) / 3, 8.0))
+
+
+def test_cr2_degrees_of_freedom_fall_when_a_few_clusters_carry_the_contrast() -> None:
+    """20 clusters: a regressor balanced over them leaves about G − 2 degrees of freedom; one carried by 2 clusters
+    leaves close to 1, so the t quantile widens the interval (the reason CR2 keeps its size with few treated
+    clusters)."""
+    rng = np.random.default_rng(5)
+    clusters = np.repeat(np.arange(20), 15)
+    for treated, low, high in ((10, 15, 18.01), (2, 0.9, 2.5)):
+        d = (clusters < treated).astype(float)
+        x = np.column_stack([np.ones(len(d)), d])
+        y = rng.normal(size=len(d))
+        beta = np.linalg.lstsq(x, y, rcond=None)[0]
+        _, df = CR2(weighted_design=x, working_residuals=y - x @ beta, clusters=clusters).contrast([0.0, 1.0])
+        assert low < df < high, (treated, df)
+
+
+def test_cr2_for_a_logit_is_larger_than_the_uncorrected_sandwich_and_refuses_one_cluster() -> None:
+    import statsmodels.api as sm
+
+    frame = planted(groups=10, rng=np.random.default_rng(8))
+    x, y, codes = arrays(frame)
+    fit = sm.GLM(y, x, family=sm.families.Binomial()).fit(cov_type="cluster", cov_kwds={"groups": codes,
+                                                                                         "use_correction": False})
+    cr2 = CR2.logit(design=x, y=y, beta=fit.params, clusters=codes)
+    for j in range(4):
+        se, df = cr2.contrast(np.eye(4)[j])
+        assert se > fit.bse[j] and 1 < df <= 9
+    p, low, high = cr2.test(INTERACTION, estimate=float(fit.params[3]))
+    assert low < fit.params[3] < high and 0 < p <= 1
+    with pytest.raises(ValueError, match="at least two clusters"):
+        CR2.logit(design=x, y=y, beta=fit.params, clusters=np.zeros(len(y), dtype=int))

@@ -146,10 +146,11 @@ def test_coverage_is_measured_against_the_true_value(monkeypatch: pytest.MonkeyP
     assert wrong.estimates == right.estimates and wrong.covered == 0
 
 
-def test_a_planted_null_is_rejected_about_alpha_of_the_time_with_the_bootstrap() -> None:
+@pytest.mark.parametrize("inference, method", [("auto", "cr2"), ("bootstrap", "score-bootstrap")])
+def test_a_planted_null_is_rejected_about_alpha_of_the_time(inference: str, method: str) -> None:
     (row,) = estimate_power(params=game.Params(), conditions=ARMS, groups=[10], plant=Plant(slope=0.0), reps=60,
-                            seed=21, draws=199)
-    assert row.method == "score-bootstrap" and row.truth == 0.0 and row.failures == 0
+                            seed=21, draws=199, inference=inference)
+    assert row.method == method and row.truth == 0.0 and row.failures == 0
     # Expected about 3 of 60 (two-sided 5 %); 10 or more has probability below 0.2 % even at a true 7 %.
     assert row.rejected <= 9
     assert row.covered == row.reps - row.rejected  # at a null truth, covering it is not rejecting it
@@ -173,7 +174,7 @@ def test_command_plants_the_estimand_and_refuses_bad_input() -> None:
     assert result["model"] == "planted" and result["plant"]["slope"] == 0.3 and result["plant"]["start"] == 0.4
     assert result["plant"]["group_slope_sd"] == 0.2 and "effect" not in result
     for row in result["rows"]:
-        assert set(row) == ROW_KEYS and row["method"] == "score-bootstrap"
+        assert set(row) == ROW_KEYS and row["method"] == "cr2"
         assert row["truth"] == pytest.approx(Plant(slope=0.3, start=0.4, group_slope_sd=0.2).target(experiment.n_rounds))
         assert 0 <= row["coverage"] <= 1 and row["bias"] == pytest.approx(row["mean_estimate"] - row["truth"])
     table = StringIO()

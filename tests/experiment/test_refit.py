@@ -1,7 +1,8 @@
 """docs/refit_choices.py refits the analysis from an exported choices.csv alone, and gets the same numbers.
 
 This is the promise of docs/analysis.md: a researcher with only the export (and numpy, pandas, statsmodels)
-reproduces the estimates, the group-clustered standard errors and the score bootstrap p-value.
+reproduces the estimates, the group-clustered standard errors (CR1, and CR2 with its degrees of freedom) and
+the score bootstrap p-value.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def test_the_export_alone_refits_the_analysis(tmp_path: Path) -> None:
     Choice.objects.filter(pk=taken.pk).update(decided_by=Participant.Controller.SCRIPTED)
     scope = Scope.session(session.pk)
     fit = analysis.regression(scope=scope)
-    assert not fit.error and fit.method == "score-bootstrap" and fit.n_clusters == 14
+    assert not fit.error and fit.method == "cr2" and fit.n_clusters == 14
 
     call_command("export", session=session.pk, out=tmp_path, unzipped=True, stdout=sys.stderr)
     (choices,) = tmp_path.rglob("choices.csv")
@@ -49,10 +50,17 @@ def test_the_export_alone_refits_the_analysis(tmp_path: Path) -> None:
     assert taken.pk not in counted and len(counted) == fit.n
 
     out = _script().main([str(choices), "--draws", str(analysis.BOOTSTRAP_DRAWS), "--seed", str(analysis.BOOTSTRAP_SEED)])
-    for c in fit.coefficients:
+    crve = analysis.regression(scope=scope, inference="crve")
+    boot = analysis.fit_regression(frame=analysis.choice_frame(scope=scope), inference="bootstrap", intervals=False,
+                                   describe=False)
+    for c, c1 in zip(fit.coefficients, crve.coefficients, strict=True):
         assert out[f"estimate:{c['term']}"] == pytest.approx(c["estimate"], rel=1e-6)
-        assert out[f"se:{c['term']}"] == pytest.approx(c["se"], rel=1e-6)
-    assert out["p_boot:round:disclosed"] == pytest.approx(fit.differences[0].p, abs=1e-9)
+        assert out[f"se_cr2:{c['term']}"] == pytest.approx(c["se"], rel=1e-6)
+        assert out[f"df_cr2:{c['term']}"] == pytest.approx(c["df"], rel=1e-6)
+        assert out[f"p_cr2:{c['term']}"] == pytest.approx(c["p"], rel=1e-6)
+        assert out[f"se:{c['term']}"] == pytest.approx(c1["se"], rel=1e-6)
+        assert out[f"p:{c['term']}"] == pytest.approx(c1["p"], rel=1e-6)
+    assert out["p_boot:round:disclosed"] == pytest.approx(boot.differences[0].p, abs=1e-9)
 
 
 def test_the_script_runs_without_partnerlab(tmp_path: Path) -> None:

@@ -25,8 +25,9 @@ class Command(BaseCommand):
                             help="Unit of inference: group (default; the mini-society, the independent unit), session, "
                                  "or selector (a sensitivity check). Clusters the regression and the summary's intervals.")
         parser.add_argument("--inference", default="auto",
-                            help="auto (default: the wild cluster score bootstrap with fewer than 50 clusters, "
-                                 "cluster-robust errors with t(G-1) otherwise), bootstrap, or crve. See docs/analysis.md.")
+                            help="auto (default: CR2 errors with Bell-McCaffrey degrees of freedom with fewer than 50 "
+                                 "clusters, CR1 errors with t(G-1) otherwise), cr2, bootstrap (the wild cluster score "
+                                 "bootstrap), or crve. See docs/analysis.md.")
 
     def handle(self, *args, **o) -> None:
         from experiment import analysis

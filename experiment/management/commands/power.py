@@ -69,7 +69,7 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, help="Seed (default: random, printed). Same seed, same output.")
         parser.add_argument("--cluster", default="group", help="Cluster level of the analysis: group (default), "
                                                                "session or selector.")
-        parser.add_argument("--inference", default="auto", help="auto (default), bootstrap or crve, as in analyze.")
+        parser.add_argument("--inference", default="auto", help="auto (default), cr2, bootstrap or crve, as in analyze.")
         parser.add_argument("--draws", type=int, default=999, help="Bootstrap draws per fit (default 999).")
         parser.add_argument("--behaviour", action="append", default=[], metavar="NAME=VALUE",
                             help="Other synthetic behaviour (repeatable), e.g. --behaviour learning_rate=0.3; names as "
