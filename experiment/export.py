@@ -896,6 +896,9 @@ def codebook(*, options: Options | None = None, scope: Scope | None = None, coun
             "types": TYPES,
             "ids": "Numeric ids are the platform's database ids and link the tables (e.g. choices.selector_id = "
                    "participants.participant_id).",
+            "manifest": "A bundle ends with manifest.json: the SHA-256, size and row count of every other file. "
+                        "The export prints the manifest's own SHA-256; `manage.py verify_export BUNDLE "
+                        "--manifest-sha256 HASH` checks that no file was changed, removed or added.",
         },
         "recruitment_ids": {"omit": "not included", "include": "included as collected",
                             "pseudonymise": "replaced by stable pseudonyms"}[options.recruitment],
@@ -929,7 +932,7 @@ def codebook_markdown(book: dict[str, Any]) -> str:
     conventions = book["conventions"]
     lines += ["## Conventions", "",
               f"- Encoding: {conventions['encoding']}; one file per table; missing values: {conventions['missing']}.",
-              f"- {conventions['ids']}", "- Types:"]
+              f"- {conventions['ids']}", f"- {conventions['manifest']}", "- Types:"]
     lines += [f"  - `{name}`: {meaning}" for name, meaning in conventions["types"].items()]
     lines.append("")
     for entry in book["tables"]:
@@ -1005,48 +1008,149 @@ def bundle_name(scope: Scope, options: Options) -> str:
     return f"partnerlab-{scope.label}-{options.format}-{stamp}.zip"
 
 
-def bundle_stream(*, scope: Scope, options: Options, counts: dict[str, int] | None = None) -> Iterator[bytes]:
-    """The zip bundle as a stream of byte chunks: one file per table, then codebook.md and codebook.json."""
+# ---- manifest: what a bundle holds, with a hash of every file -------------------------------------------
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "partnerlab-export-manifest/1"
+
+
+class _Manifest:
+    """Collects the SHA-256 and size of every file as it is written, and renders manifest.json.
+
+    The manifest lets anyone who receives a bundle check that no file was edited, truncated, added or left
+    out (``manage.py verify_export``). It is tamper-evident only against its own hash, which the export
+    prints: record that hash (in a lab notebook, a preregistration, the paper's replication package) and a
+    changed manifest shows too.
+    """
+
+    def __init__(self, *, scope: Scope, options: Options) -> None:
+        self.scope, self.options = scope, options
+        self.files: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """Pass ``chunks`` through, hashing them as file ``name``."""
+        digest, size = hashlib.sha256(), 0
+        for chunk in chunks:
+            digest.update(chunk)
+            size += len(chunk)
+            yield chunk
+        self.files[name] = {"sha256": digest.hexdigest(), "bytes": size}
+
+    def render(self, counts: dict[str, int]) -> bytes:
+        for t in TABLES:
+            self.files[f"{t.name}.{self.options.format}"]["rows"] = counts.get(t.name, 0)
+        document = {"format": MANIFEST_FORMAT, "scope": self.scope.label, "table_format": self.options.format,
+                    "recruitment_ids": self.options.recruitment, "algorithm": "sha256",
+                    "files": dict(sorted(self.files.items()))}
+        return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def _bundle_files(*, scope: Scope, options: Options, counts: dict[str, int],
+                  manifest: _Manifest) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """(name, chunks) of every file of a bundle, in order, the manifest last (it needs the others' hashes)."""
+    for t in TABLES:
+        name = f"{t.name}.{options.format}"
+        yield name, manifest.add(name, encoded_chunks(t, scope=scope, options=options, counter=counts))
+    book = codebook(options=options, scope=scope, counts=counts)
+    yield "codebook.md", manifest.add("codebook.md", [codebook_markdown(book).encode()])
+    yield "codebook.json", manifest.add("codebook.json", [json.dumps(book, indent=2, ensure_ascii=False).encode()])
+    yield MANIFEST, iter([manifest.render(counts)])
+
+
+def bundle_stream(*, scope: Scope, options: Options, counts: dict[str, int] | None = None,
+                  digests: dict[str, str] | None = None) -> Iterator[bytes]:
+    """The zip bundle as a stream of byte chunks: one file per table, codebook.md and codebook.json, then
+    manifest.json (the SHA-256 of each). ``digests``, if given, receives the manifest's own SHA-256 under
+    ``MANIFEST``."""
     counts = {} if counts is None else counts
+    manifest = _Manifest(scope=scope, options=options)
     sink = _Sink()
     with _snapshot(), zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=ZIP_LEVEL) as archive:
         stamp = datetime.now(UTC).timetuple()[:6]
-        for t in TABLES:
-            info = zipfile.ZipInfo(f"{t.name}.{options.format}", date_time=stamp)
+        for name, chunks in _bundle_files(scope=scope, options=options, counts=counts, manifest=manifest):
+            info = zipfile.ZipInfo(name, date_time=stamp)
             info.compress_type = zipfile.ZIP_DEFLATED
             # The level of an entry opened from a ZipInfo: public from Python 3.13, private before.
             setattr(info, "compress_level" if hasattr(info, "compress_level") else "_compresslevel", ZIP_LEVEL)
             with archive.open(info, "w", force_zip64=True) as entry:
-                for chunk in encoded_chunks(t, scope=scope, options=options, counter=counts):
+                for chunk in chunks:
                     entry.write(chunk)
+                    if name == MANIFEST and digests is not None:
+                        digests[MANIFEST] = hashlib.sha256(chunk).hexdigest()
                     yield from sink.drain()
-        book = codebook(options=options, scope=scope, counts=counts)
-        archive.writestr("codebook.md", codebook_markdown(book))
-        archive.writestr("codebook.json", json.dumps(book, indent=2, ensure_ascii=False))
     yield from sink.drain()
 
 
-def bundle_write(*, scope: Scope, options: Options, out: io.BufferedIOBase | Any) -> dict[str, int]:
+def bundle_write(*, scope: Scope, options: Options, out: io.BufferedIOBase | Any,
+                 digests: dict[str, str] | None = None) -> dict[str, int]:
     """Write the bundle to a binary file object. Returns the row count of every table."""
     counts: dict[str, int] = {}
-    for chunk in bundle_stream(scope=scope, options=options, counts=counts):
+    for chunk in bundle_stream(scope=scope, options=options, counts=counts, digests=digests):
         out.write(chunk)
     return counts
 
 
-def tables_write(*, scope: Scope, options: Options, directory: Any) -> dict[str, int]:
-    """Write the tables and the codebook as loose files into ``directory`` (a pathlib.Path)."""
+def tables_write(*, scope: Scope, options: Options, directory: Any,
+                 digests: dict[str, str] | None = None) -> dict[str, int]:
+    """Write the tables, the codebook and the manifest as loose files into ``directory`` (a pathlib.Path)."""
     counts: dict[str, int] = {}
+    manifest = _Manifest(scope=scope, options=options)
     directory.mkdir(parents=True, exist_ok=True)
     with _snapshot():
-        for t in TABLES:
-            with open(directory / f"{t.name}.{options.format}", "wb") as out:
-                for chunk in encoded_chunks(t, scope=scope, options=options, counter=counts):
+        for name, chunks in _bundle_files(scope=scope, options=options, counts=counts, manifest=manifest):
+            with open(directory / name, "wb") as out:
+                for chunk in chunks:
                     out.write(chunk)
-    book = codebook(options=options, scope=scope, counts=counts)
-    (directory / "codebook.md").write_text(codebook_markdown(book), encoding="utf-8")
-    (directory / "codebook.json").write_text(json.dumps(book, indent=2, ensure_ascii=False), encoding="utf-8")
+                    if name == MANIFEST and digests is not None:
+                        digests[MANIFEST] = hashlib.sha256(chunk).hexdigest()
     return counts
+
+
+def verify_bundle(path: Any) -> tuple[dict[str, Any], list[str]]:
+    """Check a bundle (a .zip or a directory of loose files) against its manifest: (manifest, problems in plain
+    words; empty when every file is there, unchanged, and nothing else is)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        names = {p.name for p in path.iterdir() if p.is_file()}
+
+        def read(name: str) -> Iterator[bytes]:
+            with open(path / name, "rb") as f:
+                yield from iter(lambda: f.read(1 << 20), b"")
+    elif zipfile.is_zipfile(path):
+        archive = zipfile.ZipFile(path)
+        names = set(archive.namelist())
+
+        def read(name: str) -> Iterator[bytes]:
+            with archive.open(name) as f:
+                yield from iter(lambda: f.read(1 << 20), b"")
+    else:
+        raise ExportError(f"{path} is neither a zip bundle nor a directory.")
+    if MANIFEST not in names:
+        raise ExportError(f"{path} has no {MANIFEST}: it was not written by this version's export, or it was removed.")
+    try:
+        manifest = json.loads(b"".join(read(MANIFEST)))
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+            raise ValueError(manifest.get("format"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{MANIFEST} in {path} is not a PartnerLab manifest ({exc}).") from None
+    problems = []
+    for name, expected in files.items():
+        if name not in names:
+            problems.append(f"{name} is listed in the manifest but missing from the bundle.")
+            continue
+        digest, size = hashlib.sha256(), 0
+        for chunk in read(name):
+            digest.update(chunk)
+            size += len(chunk)
+        if digest.hexdigest() != expected.get("sha256") or size != expected.get("bytes"):
+            problems.append(f"{name} was changed: its SHA-256 is {digest.hexdigest()} ({size} bytes), the manifest "
+                            f"says {expected.get('sha256')} ({expected.get('bytes')} bytes).")
+    for name in sorted(names - set(files) - {MANIFEST}):
+        problems.append(f"{name} is in the bundle but not in the manifest (added after the export).")
+    return manifest, problems
 
 
 # ---- Prolific bonus file ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from tests.experiment import playthrough
 pytestmark = pytest.mark.django_db
 
 P = Participant
-CODEBOOK_FILES = {"codebook.md", "codebook.json"}
+BUNDLE_EXTRAS = {"codebook.md", "codebook.json", "manifest.json"}
 
 
 def s(value: Any) -> str:
@@ -108,7 +108,7 @@ def _llm_calls_record(session: Session) -> list[Any]:
 def test_every_table_equals_the_stored_game(played: Session) -> None:
     calls = _llm_calls_record(played)
     files = bundle(Scope.session(played.pk), Options(recruitment="include"))
-    assert set(files) == {f"{t.name}.csv" for t in export.TABLES} | CODEBOOK_FILES
+    assert set(files) == {f"{t.name}.csv" for t in export.TABLES} | BUNDLE_EXTRAS
     data = tables(files)
 
     groups = list(played.groups.select_related("condition", "session__experiment"))
@@ -324,7 +324,7 @@ def test_running_session_export_marks_incomplete_rounds() -> None:
 def test_codebook_covers_every_exported_column_and_nothing_else(played: Session, fmt: str, recruitment: str) -> None:
     files = bundle(Scope.session(played.pk), Options(format=fmt, recruitment=recruitment))  # type: ignore[arg-type]
     book = json.loads(files["codebook.json"])
-    assert set(files) == {e["file"] for e in book["tables"]} | CODEBOOK_FILES
+    assert set(files) == {e["file"] for e in book["tables"]} | BUNDLE_EXTRAS
     markdown = files["codebook.md"].decode()
     for entry in book["tables"]:
         names = [c["name"] for c in entry["columns"]]
@@ -441,14 +441,75 @@ def test_export_command_writes_a_zip_and_loose_files(played: Session, tmp_path: 
     (archive,) = (tmp_path / "zip").iterdir()
     assert archive.name.startswith(f"partnerlab-session-{played.pk}-csv-") and archive.suffix == ".zip"
     with zipfile.ZipFile(archive) as z:
-        assert set(z.namelist()) == {f"{t.name}.csv" for t in export.TABLES} | CODEBOOK_FILES
+        assert set(z.namelist()) == {f"{t.name}.csv" for t in export.TABLES} | BUNDLE_EXTRAS
         assert not [i for i in _recruitment_ids(played) if i.encode() in z.read("participants.csv")]
     call_command("export", experiment=played.experiment.slug, out=tmp_path / "loose", format="jsonl", unzipped=True,
                  stdout=io.StringIO())
-    assert {p.name for p in (tmp_path / "loose").iterdir()} == {f"{t.name}.jsonl" for t in export.TABLES} | CODEBOOK_FILES
+    assert {p.name for p in (tmp_path / "loose").iterdir()} == {f"{t.name}.jsonl" for t in export.TABLES} | BUNDLE_EXTRAS
     out = io.StringIO()
     call_command("export", all=True, out=tmp_path / "all", stdout=out)
     assert "choices" in out.getvalue() and f"{2 * 3 * playthrough.ROUNDS:>10} rows" in out.getvalue()
+
+
+def _rezip(source: Path, target: Path, *, change: dict[str, bytes | None], add: dict[str, bytes] | None = None) -> None:
+    """A copy of a bundle with some files replaced (bytes) or left out (None), and others added."""
+    with zipfile.ZipFile(source) as z, zipfile.ZipFile(target, "w") as out:
+        for name in z.namelist():
+            data = change.get(name, z.read(name))
+            if data is not None:
+                out.writestr(name, data)
+        for name, data in (add or {}).items():
+            out.writestr(name, data)
+
+
+def test_the_manifest_hashes_every_file_and_verify_export_names_what_was_changed(played: Session, tmp_path: Path) -> None:
+    import hashlib
+
+    printed = io.StringIO()
+    call_command("export", session=played.pk, out=tmp_path / "zip", stdout=printed)
+    (bundle,) = (tmp_path / "zip").iterdir()
+    with zipfile.ZipFile(bundle) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    manifest = json.loads(files["manifest.json"])
+    assert set(manifest["files"]) == set(files) - {"manifest.json"} and manifest["scope"] == f"session-{played.pk}"
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256(files[name]).hexdigest() and entry["bytes"] == len(files[name])
+    assert manifest["files"]["choices.csv"]["rows"] == files["choices.csv"].count(b"\n") - 1 == 2 * 3 * playthrough.ROUNDS
+    recorded = hashlib.sha256(files["manifest.json"]).hexdigest()
+    assert f"SHA-256 of manifest.json: {recorded}" in printed.getvalue()
+
+    ok = io.StringIO()
+    call_command("verify_export", str(bundle), manifest_sha256=recorded, stdout=ok)
+    assert f"all {len(manifest['files'])} files match" in ok.getvalue()
+
+    edited = files["choices.csv"].replace(b",True,", b",False,", 1)
+    assert edited != files["choices.csv"]
+    cases = [({"choices.csv": edited}, None, "choices.csv was changed"),
+             ({"returns.csv": None}, None, "returns.csv is listed in the manifest but missing"),
+             ({}, {"extra.csv": b"a,b\n"}, "extra.csv is in the bundle but not in the manifest"),
+             ({"manifest.json": files["manifest.json"].replace(b'"scope"', b'"scope" ', 1)}, None,
+              "manifest.json was changed")]
+    for number, (change, add, message) in enumerate(cases):
+        tampered = tmp_path / f"tampered-{number}.zip"
+        _rezip(bundle, tampered, change=change, add=add)
+        errors = io.StringIO()
+        with pytest.raises(CommandError, match="does not match its manifest") as failure:
+            call_command("verify_export", str(tampered), manifest_sha256=recorded, stderr=errors)
+        assert failure.value.returncode == 1 and message in errors.getvalue(), (number, errors.getvalue())
+
+    call_command("export", session=played.pk, out=tmp_path / "loose", unzipped=True, stdout=io.StringIO())
+    call_command("verify_export", str(tmp_path / "loose"), stdout=io.StringIO())
+    (tmp_path / "loose" / "pitches.csv").write_bytes(b"")
+    with pytest.raises(CommandError, match="1 difference"):
+        call_command("verify_export", str(tmp_path / "loose"), stderr=io.StringIO())
+    (tmp_path / "notes.txt").write_text("hello")
+    for path, message in ((tmp_path / "notes.txt", "neither a zip bundle nor a directory"),
+                          (tmp_path / "nothing.zip", "does not exist"), (tmp_path / "zip", "has no manifest.json")):
+        with pytest.raises(CommandError, match=message):
+            call_command("verify_export", str(path), stderr=io.StringIO())
+    _rezip(bundle, tmp_path / "garbled.zip", change={"manifest.json": b"{not json"})
+    with pytest.raises(CommandError, match="is not a PartnerLab manifest"):
+        call_command("verify_export", str(tmp_path / "garbled.zip"), stderr=io.StringIO())
 
 
 def test_codebook_command(tmp_path: Path) -> None:

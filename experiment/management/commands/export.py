@@ -47,15 +47,16 @@ class Command(BaseCommand):
             raise CommandError(f"--out {out} exists and is not a directory.")
         out.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
+        digests: dict[str, str] = {}
         if o["unzipped"]:
-            counts = export.tables_write(scope=scope, options=options, directory=out)
+            counts = export.tables_write(scope=scope, options=options, directory=out, digests=digests)
             target = out
         else:
             target = out / export.bundle_name(scope, options)
             partial = target.with_suffix(".zip.partial")
             try:
                 with open(partial, "wb") as f:
-                    counts = export.bundle_write(scope=scope, options=options, out=f)
+                    counts = export.bundle_write(scope=scope, options=options, out=f, digests=digests)
                 # Only a complete bundle gets the final name: an interrupted export never looks finished.
                 os.replace(partial, target)
             finally:
@@ -64,3 +65,5 @@ class Command(BaseCommand):
         for name, n in counts.items():
             self.stdout.write(f"  {name:<14} {n:>10} rows")
         self.stdout.write(self.style.SUCCESS(f"Wrote {target} in {seconds:.1f} s."))
+        self.stdout.write(f"SHA-256 of {export.MANIFEST}: {digests[export.MANIFEST]} (record it; "
+                          f"manage.py verify_export checks the bundle against it).")
