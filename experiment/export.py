@@ -896,7 +896,11 @@ def codebook(*, options: Options | None = None, scope: Scope | None = None, coun
             "types": TYPES,
             "ids": "Numeric ids are the platform's database ids and link the tables (e.g. choices.selector_id = "
                    "participants.participant_id).",
-            "manifest": "A bundle ends with manifest.json: the SHA-256, size and row count of every other file. "
+            "designs": "designs.json holds, per session, the experiment's design (every parameter, condition and "
+                       "bot profile) frozen when the session admitted its first participant, with the SHA-256 of its "
+                       "canonical JSON.",
+            "manifest": "A bundle ends with manifest.json: the SHA-256, size and row count of every other file, and "
+                        "each session's design hash. "
                         "The export prints the manifest's own SHA-256; `manage.py verify_export BUNDLE "
                         "--manifest-sha256 HASH` checks that no file was changed, removed or added.",
         },
@@ -932,7 +936,8 @@ def codebook_markdown(book: dict[str, Any]) -> str:
     conventions = book["conventions"]
     lines += ["## Conventions", "",
               f"- Encoding: {conventions['encoding']}; one file per table; missing values: {conventions['missing']}.",
-              f"- {conventions['ids']}", f"- {conventions['manifest']}", "- Types:"]
+              f"- {conventions['ids']}", f"- {conventions['designs']}",
+              f"- {conventions['manifest']}", "- Types:"]
     lines += [f"  - `{name}`: {meaning}" for name, meaning in conventions["types"].items()]
     lines.append("")
     for entry in book["tables"]:
@@ -1036,12 +1041,12 @@ class _Manifest:
             yield chunk
         self.files[name] = {"sha256": digest.hexdigest(), "bytes": size}
 
-    def render(self, counts: dict[str, int]) -> bytes:
+    def render(self, counts: dict[str, int], designs: dict[str, str | None]) -> bytes:
         for t in TABLES:
             self.files[f"{t.name}.{self.options.format}"]["rows"] = counts.get(t.name, 0)
         document = {"format": MANIFEST_FORMAT, "scope": self.scope.label, "table_format": self.options.format,
                     "recruitment_ids": self.options.recruitment, "algorithm": "sha256",
-                    "files": dict(sorted(self.files.items()))}
+                    "files": dict(sorted(self.files.items())), "designs": designs}
         return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
 
 
@@ -1051,10 +1056,31 @@ def _bundle_files(*, scope: Scope, options: Options, counts: dict[str, int],
     for t in TABLES:
         name = f"{t.name}.{options.format}"
         yield name, manifest.add(name, encoded_chunks(t, scope=scope, options=options, counter=counts))
+    designs = session_designs(scope)
+    yield DESIGNS, manifest.add(DESIGNS, [(json.dumps(designs, indent=2, ensure_ascii=False) + "\n").encode()])
     book = codebook(options=options, scope=scope, counts=counts)
     yield "codebook.md", manifest.add("codebook.md", [codebook_markdown(book).encode()])
     yield "codebook.json", manifest.add("codebook.json", [json.dumps(book, indent=2, ensure_ascii=False).encode()])
-    yield MANIFEST, iter([manifest.render(counts)])
+    yield MANIFEST, iter([manifest.render(counts, {str(d["session_id"]): d["sha256"] for d in designs})])
+
+
+DESIGNS = "designs.json"
+
+
+def session_designs(scope: Scope) -> list[dict[str, Any]]:
+    """Every session of the scope with its frozen design and the design's SHA-256 (experiment/design.py); a
+    session nobody has joined yet has none (null)."""
+    from experiment import design
+
+    sessions = Session.objects.select_related("experiment").order_by("id")
+    if scope.session_ids is not None:
+        sessions = sessions.filter(pk__in=scope.session_ids)
+    elif scope.experiment_ids is not None:
+        sessions = sessions.filter(experiment__in=scope.experiment_ids)
+    return [{"session_id": s.pk, "experiment": s.experiment.slug,
+             "frozen_at": s.design_frozen_at.isoformat() if s.design_frozen_at else None,
+             "sha256": design.digest(s.design) if s.design is not None else None, "design": s.design}
+            for s in sessions.iterator(chunk_size=100)]
 
 
 def bundle_stream(*, scope: Scope, options: Options, counts: dict[str, int] | None = None,

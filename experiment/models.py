@@ -235,6 +235,12 @@ class Session(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the session was created (UTC).")
     ended_at = models.DateTimeField(null=True, blank=True, help_text="When staff ended the session (UTC).")
+    design = models.JSONField(
+        null=True, blank=True, editable=False,
+        help_text="The experiment's design (every parameter, condition and bot profile) frozen when the session "
+                  "admitted its first participant (experiment/design.py). Empty until then.")
+    design_frozen_at = models.DateTimeField(null=True, blank=True, editable=False,
+                                            help_text="When the design was frozen (UTC).")
 
     class Meta:
         ordering = ["-created_at"]

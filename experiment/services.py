@@ -19,7 +19,7 @@ from django.db.models import Count, Exists, F, Max, OuterRef, Q, QuerySet
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from experiment import events, game
+from experiment import design, events, game
 from experiment.game import Phase, RuleError
 from experiment.models import (
     Belief,
@@ -141,6 +141,7 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
     people = session.participants.filter(controller=P.Controller.PERSON).count()
     if people >= session.capacity + session.over_recruitment:
         raise RuleError("session_full", "This study is full. Thank you for your interest.")
+    design.freeze(session)
     p = Participant.objects.create(session=session, prolific_pid=pid, study_id=sid, recruitment_session_id=rsid)
     _log(session_id=session.pk, type="participant.joined", participant=p,
          payload={"has_recruitment_id": bool(pid)})
@@ -249,6 +250,7 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
     root = (session.seed,) if session.seed is not None else (session.pk, session.code)
     seed = game.rng(*root, "group", number).randrange(2**31)
     condition = next(c for c in conditions if c.name == game.pick_condition(counts, seed, number))
+    design.freeze(session)
     group = Group.objects.create(session=session, condition=condition, number=number, seed=seed)
     synthetic = params.n_humans - len(people)
     humans = list(people) + [

@@ -39,7 +39,7 @@ from tests.experiment import playthrough
 pytestmark = pytest.mark.django_db
 
 P = Participant
-BUNDLE_EXTRAS = {"codebook.md", "codebook.json", "manifest.json"}
+BUNDLE_EXTRAS = {"codebook.md", "codebook.json", "designs.json", "manifest.json"}
 
 
 def s(value: Any) -> str:
