@@ -89,10 +89,13 @@ BELIEF_COLUMNS: list[tuple[str, str]] = [
     ("guessed_human", "Guesses \"human\"."),
     ("no_guess", "No answer before the deadline."),
     ("accuracy", "Share of answered guesses that are right."),
-    ("accuracy_low", "Lower end of the 95 % Wilson interval of accuracy."),
-    ("accuracy_high", "Upper end of the 95 % Wilson interval of accuracy."),
+    ("accuracy_low", "Lower end of the 95 % interval of accuracy (Wilson, clustered like the choice summary)."),
+    ("accuracy_high", "Upper end of the 95 % interval of accuracy (Wilson, clustered like the choice summary)."),
     ("misattributed", "Share of answered guesses that are wrong (a bot taken for a human, or the reverse)."),
     ("mean_confidence", "Mean confidence of the answered guesses (percent)."),
+    ("cluster", "Unit the interval is clustered by: group (default), session or selector."),
+    ("n_clusters", "Clusters with answered guesses in this row."),
+    ("design_effect", "Variance of accuracy from cluster totals over the binomial variance (at least 1)."),
 ]
 
 
@@ -170,31 +173,45 @@ def summary_rows(*, scope: Scope, include_timeouts: bool = False, cluster: str =
     return out
 
 
-def belief_rows(*, scope: Scope) -> list[dict[str, Any]]:
-    """Belief accuracy where identity was hidden: per condition × belief round × true kind of the candidate."""
+def belief_rows(*, scope: Scope, cluster: str = "group") -> list[dict[str, Any]]:
+    """Belief accuracy where identity was hidden: per condition × belief round × true kind of the candidate. The
+    interval of accuracy is clustered by ``cluster`` like the choice summary's (one selector's guesses, and one
+    group's, are not independent)."""
+    from experiment.inference import cluster_share_interval
+
+    if cluster not in SUMMARY_CLUSTER_PATHS:
+        raise ValueError(f"The cluster level must be one of {', '.join(SUMMARY_CLUSTER_PATHS)}, not {cluster!r}.")
     answered = ~Q(guess="")
+    beliefs = Belief.objects.filter(scope.q("group__session"), group__condition__disclose_identity=False,
+                                    selector__kind=P.Kind.HUMAN)
+    key = ("group__condition__name", "round_number", "candidate__kind")
+    counts = {"guessed_bot": Count("id", filter=Q(guess=Belief.Guess.BOT)),
+              "guessed_human": Count("id", filter=Q(guess=Belief.Guess.HUMAN))}
     aggregated = (
-        Belief.objects.filter(scope.q("group__session"), group__condition__disclose_identity=False,
-                              selector__kind=P.Kind.HUMAN)
-        .values("group__condition__name", "round_number", "candidate__kind")
-        .annotate(n=Count("id"), guessed_bot=Count("id", filter=Q(guess=Belief.Guess.BOT)),
-                  guessed_human=Count("id", filter=Q(guess=Belief.Guess.HUMAN)),
-                  no_guess=Count("id", filter=Q(guess="")), mean_confidence=Avg("confidence", filter=answered))
+        beliefs.values(*key)
+        .annotate(n=Count("id"), **counts, no_guess=Count("id", filter=Q(guess="")),
+                  mean_confidence=Avg("confidence", filter=answered))
         .order_by()
     )
+    totals: dict[tuple[Any, ...], list[tuple[int, int]]] = {}
+    for row in beliefs.values(*key, SUMMARY_CLUSTER_PATHS[cluster]).annotate(**counts).order_by():
+        right = row["guessed_bot"] if row["candidate__kind"] == P.Kind.BOT else row["guessed_human"]
+        totals.setdefault(tuple(row[k] for k in key), []).append((row["guessed_bot"] + row["guessed_human"], right))
     order = _conditions_order(scope)
     out = []
     for row in aggregated:
         kind = row["candidate__kind"]
         answered_n = row["guessed_bot"] + row["guessed_human"]
         right = row["guessed_bot"] if kind == P.Kind.BOT else row["guessed_human"]
-        low, high = wilson(right, answered_n)
+        interval = cluster_share_interval(totals.get(tuple(row[k] for k in key), []))
+        low, high = interval["low"], interval["high"]
         out.append({
             "condition": row["group__condition__name"], "round": row["round_number"], "true_kind": kind, "n": row["n"],
             "guessed_bot": row["guessed_bot"], "guessed_human": row["guessed_human"], "no_guess": row["no_guess"],
             "accuracy": right / answered_n if answered_n else None, "accuracy_low": low, "accuracy_high": high,
             "misattributed": (answered_n - right) / answered_n if answered_n else None,
             "mean_confidence": float(row["mean_confidence"]) if row["mean_confidence"] is not None else None,
+            "cluster": cluster, "n_clusters": interval["n_clusters"], "design_effect": interval["deff"],
         })
     out.sort(key=lambda r: (order.get(r["condition"], len(order)), r["condition"], r["round"], r["true_kind"]))
     return out
@@ -728,7 +745,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 def report_context(*, scope: Scope, title: str, include_timeouts: bool = False, cluster: str = "group",
                    inference: str = "auto") -> dict[str, Any]:
     summary = summary_rows(scope=scope, include_timeouts=include_timeouts, cluster=cluster)
-    beliefs = belief_rows(scope=scope)
+    beliefs = belief_rows(scope=scope, cluster=cluster)
     chance = bot_share_of_candidates(scope=scope)
     fit = regression(scope=scope, include_timeouts=include_timeouts, cluster=cluster, inference=inference)
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 from asgiref.sync import sync_to_async
 from django.contrib.admin.views.decorators import staff_member_required
@@ -139,12 +140,19 @@ def summary(request: HttpRequest, kind: str, key: str | int, fmt: str = "html") 
 
     scope, title = _scope(kind, key)
     include = _include_timeouts(request)
+    # The unit and method of inference, as `analyze --cluster/--inference` take them (docs/analysis.md).
+    cluster, inference = request.GET.get("cluster", "group"), request.GET.get("inference", "auto")
+    try:
+        analysis.check_inference(cluster=cluster, inference=inference)
+    except ValueError as exc:
+        return HttpResponseBadRequest(str(exc), content_type="text/plain; charset=utf-8")
     if fmt == "beliefs":
-        return _download(analysis.rows_csv(analysis.belief_rows(scope=scope), analysis.BELIEF_COLUMNS),
+        return _download(analysis.rows_csv(analysis.belief_rows(scope=scope, cluster=cluster), analysis.BELIEF_COLUMNS),
                          "text/csv; charset=utf-8", f"beliefs-{scope.label}.csv")
     if fmt == "report":
-        return HttpResponse(analysis.report_html(scope=scope, title=title, include_timeouts=include))
-    rows = analysis.summary_rows(scope=scope, include_timeouts=include)
+        return HttpResponse(analysis.report_html(scope=scope, title=title, include_timeouts=include, cluster=cluster,
+                                                 inference=inference))
+    rows = analysis.summary_rows(scope=scope, include_timeouts=include, cluster=cluster)
     if fmt == "csv":
         return _download(analysis.rows_csv(rows, analysis.SUMMARY_COLUMNS), "text/csv; charset=utf-8",
                          f"preference-shift-{scope.label}.csv")
@@ -153,15 +161,21 @@ def summary(request: HttpRequest, kind: str, key: str | int, fmt: str = "html") 
         return HttpResponse(image, content_type="image/png" if fmt == "png" else "image/svg+xml")
     if fmt != "html":
         raise Http404("Unknown summary format.")
-    query = "?include_timeouts=1" if include else ""
-    links = {name: reverse(f"staff:{kind}-{route}", args=[key]) + (query if name != "beliefs" else "")
-             for name, route in SUMMARY_FORMATS.items()}
+    def query(**changes: Any) -> str:
+        values = {"include_timeouts": "1" if include else "", "cluster": "" if cluster == "group" else cluster,
+                  "inference": "" if inference == "auto" else inference, **changes}
+        kept = {k: v for k, v in values.items() if v}
+        return "?" + urlencode(kept) if kept else ""
+
+    links = {name: reverse(f"staff:{kind}-{route}", args=[key]) + query() for name, route in SUMMARY_FORMATS.items()}
     links["bundle"] = reverse(f"staff:{kind}-bundle", args=[key])
-    links["toggle"] = links["html"].split("?")[0] + ("" if include else "?include_timeouts=1")
+    base = links["html"].split("?")[0]
+    links["toggle"] = base + query(include_timeouts="" if include else "1")
+    links["clusters"] = {c: base + query(cluster="" if c == "group" else c) for c in analysis.CLUSTERS}
     return render(request, "experiment/staff/summary.html", {
-        "title": title, "scope": scope, "kind": kind, "key": key, "include_timeouts": include,
-        "columns": analysis.SUMMARY_COLUMNS, "rows": rows,
-        "belief_columns": analysis.BELIEF_COLUMNS, "beliefs": analysis.belief_rows(scope=scope), "links": links,
+        "title": title, "scope": scope, "kind": kind, "key": key, "include_timeouts": include, "cluster": cluster,
+        "columns": analysis.SUMMARY_COLUMNS, "rows": rows, "belief_columns": analysis.BELIEF_COLUMNS,
+        "beliefs": analysis.belief_rows(scope=scope, cluster=cluster), "links": links,
     })
 
 

@@ -267,6 +267,20 @@ def test_belief_accuracy_table(planted: Session) -> None:
         assert r["mean_confidence"] == pytest.approx(70)
 
 
+def test_belief_intervals_are_clustered(planted: Session) -> None:
+    """Every group is right half the time, so clustering by group costs nothing (design effect 1); each selector
+    is always right or always wrong about a kind, so by selector the design effect is about 2 (two guesses per
+    selector and kind, perfectly correlated) and the interval wider."""
+    by_group = analysis.belief_rows(scope=Scope.session(planted.pk))
+    by_selector = analysis.belief_rows(scope=Scope.session(planted.pk), cluster="selector")
+    for g, s in zip(by_group, by_selector, strict=True):
+        assert (g["cluster"], g["n_clusters"], g["design_effect"]) == ("group", GROUPS_PER_CONDITION, 1.0)
+        assert (s["cluster"], s["n_clusters"]) == ("selector", 2 * GROUPS_PER_CONDITION) and s["design_effect"] > 1.9
+        assert s["accuracy_low"] < g["accuracy_low"] < 0.5 < g["accuracy_high"] < s["accuracy_high"]
+    with pytest.raises(ValueError, match="cluster level"):
+        analysis.belief_rows(scope=Scope.session(planted.pk), cluster="table")
+
+
 def test_summary_csv_plots_and_report(planted: Session, tmp_path: Path) -> None:
     scope = Scope.session(planted.pk)
     rows = analysis.summary_rows(scope=scope)

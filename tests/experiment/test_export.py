@@ -568,6 +568,22 @@ def test_staff_summary_pages(played: Session, staff: Client) -> None:
         assert report.status_code == 200 and b"<svg" in report.content
 
 
+def test_staff_summary_pages_take_the_cluster_level_and_method(played: Session, staff: Client) -> None:
+    base = f"/staff/sessions/{played.pk}/"
+    page = staff.get(base + "summary/?cluster=selector").content.decode()
+    assert "clustered by <strong>selector</strong>" in page
+    assert f'href="{base}summary.csv?cluster=selector"' in page and f'href="{base}summary/"' in page  # group: default
+    rows = list(csv.DictReader(io.StringIO(staff.get(base + "summary.csv?cluster=selector").content.decode())))
+    assert rows and {r["cluster"] for r in rows} == {"selector"}
+    beliefs = list(csv.DictReader(io.StringIO(staff.get(base + "beliefs.csv?cluster=session").content.decode())))
+    assert {r["cluster"] for r in beliefs} <= {"session"}
+    report = staff.get(base + "report/?cluster=selector&inference=crve").content.decode()
+    assert "Inference is clustered by selector" in report and "method: crve" in report
+    for query in ("cluster=table", "inference=magic", "cluster=%00"):
+        bad = staff.get(base + "summary/?" + query)
+        assert bad.status_code == 400 and b"must be one of" in bad.content, query
+
+
 @pytest.mark.parametrize("url", ["/staff/sessions/{s}/export.zip", "/staff/sessions/{s}/summary/",
                                  "/staff/sessions/{s}/summary.csv", "/staff/sessions/{s}/bonus.csv",
                                  "/staff/experiments/{e}/export.zip", "/staff/experiments/{e}/report/"])
