@@ -116,8 +116,9 @@ class Stack:
         self._halt = threading.Event()
 
     def supervise(self) -> None:
-        """Do what production's supervisor does (docs/deployment.md): restart a process that ended on its own, e.g.
-        a Celery worker whose Redis connection dropped (kombu 5.7 then exits with "Unrecoverable error")."""
+        """Do what production's supervisor does (docs/deployment.md): restart a process that ended on its own. (A
+        Celery worker whose Redis connection dropped during a task used to exit, kombu 5.7's "Unrecoverable error";
+        config/broker.py guards that now, so any exit listed here is a new defect.)"""
         def loop() -> None:
             while not self._halt.wait(1.0):
                 with self._lock:

@@ -59,6 +59,10 @@ CHANNEL_LAYERS = {
 }
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
+# kombu's Redis transport with a guard against a worker exit when Redis drops during a task (config/broker.py).
+# Only for redis:// URLs: naming a transport class would skip kombu's own handling of rediss:// (TLS).
+if REDIS_URL.startswith("redis://"):
+    CELERY_BROKER_TRANSPORT = "config.broker:Transport"
 # global_keyprefix: kombu prefixes every key (queues, unacked messages, bindings) and every Pub/Sub channel
 # (control broadcasts) of the broker with it.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600, "global_keyprefix": f"{PARTNERLAB_CHANNEL_PREFIX}:"}

@@ -1,6 +1,7 @@
 """LLM turns in real Celery worker processes (PostgreSQL + Redis): a worker killed in the middle of a model
 call, its task redelivered to a new worker, exactly one decision; a 429 whose Retry-After spaces the
-task's own retry; and a retry the broker cannot take (Redis down), which leaves the turn to the sweep."""
+task's own retry; a retry the broker cannot take (Redis down), which leaves the turn to the sweep; and a worker that
+loses Redis in the middle of a task and stays up (config/broker.py)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,11 @@ def workers(broker: str, transactional_db: None, procs: Processes) -> Callable[.
         n = next(count)
         env = clean_env(DJANGO_SETTINGS_MODULE="tests.bots.worker_settings", DJANGO_SECRET_KEY=secret,
                         DJANGO_ALLOWED_HOSTS="127.0.0.1", DATABASE_URL=_database_url(), REDIS_URL=on, **{KEY_ENV: KEY})
+        # As docs/deployment.md starts them: without mingle and gossip (gossip's own clean-up after a lost broker
+        # logs an AttributeError of Celery's, harmless, that production never runs into).
         worker = procs.start(f"llm-worker-{n}", [PYTHON, "-m", "celery", "-A", "config", "worker", "--concurrency", "2",
-                                                  "--loglevel", "INFO", "--hostname", f"llmbots{n}@%h"], env=env)
+                                                  "--loglevel", "INFO", "--without-mingle", "--without-gossip",
+                                                  "--hostname", f"llmbots{n}@%h"], env=env)
         worker.wait_for_log(r"@\S+ ready\.", timeout=WORKER_START_SECONDS)
         return worker
 
@@ -162,16 +166,14 @@ def test_a_retry_the_broker_cannot_take_leaves_the_turn_to_the_sweep(fake: FakeO
     server.kill()
     _wait(lambda: LLMCall.objects.filter(participant=bot, http_status=429).exists(), 30, "the 429 recorded")
     # Celery's own retry cannot be published: it would drop the task with a traceback ("Reject"). The task's process
-    # writes one line instead. (The worker's main process may exit meanwhile: kombu 5.7's Redis transport fails to
-    # put back the running task's message on a dead connection, "Unrecoverable error: AttributeError"; a supervisor
-    # restarts it, as docs/deployment.md requires and as this test does below.)
+    # writes one line instead.
     _wait(lambda: "could not hand its retry (RateLimitError) to the broker" in worker.log(), 60, "the warning line")
     assert "Reject" not in worker.log()
     decision = BotDecision.objects.get(participant=bot)
     assert decision.status == BotDecision.Status.DECIDING and len(fake.requests) == 1
 
     server = _redis_server(procs, port)  # Redis is back, empty: the retry is nowhere
-    worker.kill()  # whether or not its main process is still up: the supervisor's restart
+    worker.kill()  # a restart, as after a crash: the new worker starts on the new Redis
     workers(on=own)
     runner.clear()
     # Once the lease of the retry that never came is past the re-arm limit, the sweep hands the turn out again.
@@ -187,3 +189,39 @@ def test_a_retry_the_broker_cannot_take_leaves_the_turn_to_the_sweep(fake: FakeO
     decision.refresh_from_db()
     assert (decision.status, decision.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
     assert [c.http_status for c in LLMCall.objects.filter(participant=bot).order_by("id")] == [429, None]
+
+
+
+def test_a_worker_that_loses_redis_mid_task_survives_and_consumes_again(fake: FakeOpenAI, production_services: None,
+                                                                         procs: Processes,
+                                                                         workers: Callable[..., Proc]) -> None:
+    # kombu 5.7's Redis transport made the worker's main process exit here: closing the lost connection, it put
+    # back the running (acks_late) task's message with a connection pool it could no longer build ("Unrecoverable
+    # error: AttributeError … 'hostname'"). config/broker.py guards it; the worker must stay up, quietly.
+    port = free_ports(1)[0]
+    own = f"redis://127.0.0.1:{port}/0"
+    server = _redis_server(procs, port)
+    profile = profile_create(fake.base_url, timeout_seconds=15.0)
+    group = group_with(profile)
+    bot = seat_of(group, kind="bot")
+    fake.script(Reply(content=None, latency=6))  # a valid pitch, answered once Redis is back
+    worker = workers(on=own)
+    _enqueue(own, bot)
+    _wait(lambda: fake.in_flight == 1, 30, "the worker's model call")
+    server.kill()
+    lost = worker.wait_for_log(r"Connection to broker lost", timeout=20).end()
+    time.sleep(1.0)  # the consumer closes the lost connection (where it used to exit) and retries
+    assert worker.running, worker.tail()
+    _redis_server(procs, port)  # Redis is back, empty
+    worker.wait_for_log(r"Connected to \S+://", timeout=30, after=lost)
+    # The task ends on the new Redis: its acknowledgement and its release job (llm_apply) go through, and the
+    # worker consumes that job, which stores the pitch.
+    _wait(lambda: Message.objects.filter(candidate=bot).exists(), 60, "the bot's pitch")
+    time.sleep(1.0)
+    assert Message.objects.filter(candidate=bot).count() == 1
+    decision = BotDecision.objects.get(participant=bot)
+    assert (decision.status, decision.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
+    assert worker.running
+    log = worker.log()
+    assert "Restoring 1 unacknowledged message(s)" in log  # the path that used to crash was taken
+    assert "CRITICAL" not in log and "Traceback" not in log and "Unrecoverable" not in log, worker.tail()
