@@ -112,11 +112,12 @@ def build(rows: int) -> int:
         # Selector i in round r chooses candidate (i + r + group) mod 4 and sends (i + 2r) mod 11.
         cursor.execute("""
             INSERT INTO experiment_choice (group_id, round_number, selector_id, candidate_id, position, "order",
-                                           label_shown, sent, multiplied, timed_out, decision_seconds, created_at)
+                                           label_shown, sent, multiplied, timed_out, decided_by, decision_seconds,
+                                           created_at)
             SELECT s.group_id, r, s.id, c.id, 1 + (r %% 4), '["A", "B", "C", "D"]'::jsonb,
                    CASE WHEN cond.disclose_identity THEN CASE WHEN c.kind = 'bot' THEN 'AI bot' ELSE 'Human' END ELSE '' END,
                    (substr(s.seat, 2)::int + 2 * r) %% 11, 3 * ((substr(s.seat, 2)::int + 2 * r) %% 11), false,
-                   2 + (s.id %% 37) * 0.7, now() - interval '1 day' + r * interval '2 minutes'
+                   'person', 2 + (s.id %% 37) * 0.7, now() - interval '1 day' + r * interval '2 minutes'
             FROM experiment_participant s
             CROSS JOIN generate_series(1, %s) AS r
             JOIN experiment_group g ON g.id = s.group_id
@@ -126,10 +127,11 @@ def build(rows: int) -> int:
             WHERE s.session_id = %s AND s.role = 'selector'
         """, [ROUNDS, session.pk])
         cursor.execute("""
-            INSERT INTO experiment_return (choice_id, candidate_id, available, returned, timed_out, decision_seconds,
-                                           created_at)
-            SELECT ch.id, ch.candidate_id, ch.multiplied, ch.multiplied / 2, false, 1.5, ch.created_at + interval '30 seconds'
-            FROM experiment_choice ch JOIN experiment_group g ON g.id = ch.group_id WHERE g.session_id = %s
+            INSERT INTO experiment_return (choice_id, candidate_id, available, returned, timed_out, decided_by,
+                                           decision_seconds, created_at)
+            SELECT ch.id, ch.candidate_id, ch.multiplied, ch.multiplied / 2, false, c.controller, 1.5, ch.created_at + interval '30 seconds'
+            FROM experiment_choice ch JOIN experiment_group g ON g.id = ch.group_id
+            JOIN experiment_participant c ON c.id = ch.candidate_id WHERE g.session_id = %s
         """, [session.pk])
         cursor.execute("""
             INSERT INTO experiment_roundpayoff (participant_id, round_number, points)
