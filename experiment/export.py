@@ -1031,6 +1031,7 @@ class _Manifest:
     def __init__(self, *, scope: Scope, options: Options) -> None:
         self.scope, self.options = scope, options
         self.files: dict[str, dict[str, Any]] = {}
+        self.sha256 = ""  # of the rendered manifest itself
 
     def add(self, name: str, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """Pass ``chunks`` through, hashing them as file ``name``."""
@@ -1047,7 +1048,9 @@ class _Manifest:
         document = {"format": MANIFEST_FORMAT, "scope": self.scope.label, "table_format": self.options.format,
                     "recruitment_ids": self.options.recruitment, "algorithm": "sha256",
                     "files": dict(sorted(self.files.items())), "designs": designs}
-        return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+        data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        return data
 
 
 def _bundle_files(*, scope: Scope, options: Options, counts: dict[str, int],
@@ -1101,9 +1104,9 @@ def bundle_stream(*, scope: Scope, options: Options, counts: dict[str, int] | No
             with archive.open(info, "w", force_zip64=True) as entry:
                 for chunk in chunks:
                     entry.write(chunk)
-                    if name == MANIFEST and digests is not None:
-                        digests[MANIFEST] = hashlib.sha256(chunk).hexdigest()
                     yield from sink.drain()
+    if digests is not None:
+        digests[MANIFEST] = manifest.sha256
     yield from sink.drain()
 
 
@@ -1127,14 +1130,15 @@ def tables_write(*, scope: Scope, options: Options, directory: Any,
             with open(directory / name, "wb") as out:
                 for chunk in chunks:
                     out.write(chunk)
-                    if name == MANIFEST and digests is not None:
-                        digests[MANIFEST] = hashlib.sha256(chunk).hexdigest()
+    if digests is not None:
+        digests[MANIFEST] = manifest.sha256
     return counts
 
 
-def verify_bundle(path: Any) -> tuple[dict[str, Any], list[str]]:
-    """Check a bundle (a .zip or a directory of loose files) against its manifest: (manifest, problems in plain
-    words; empty when every file is there, unchanged, and nothing else is)."""
+def verify_bundle(path: Any, *, manifest_sha256: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Check a bundle (a .zip or a directory of loose files) against its manifest, and the manifest against
+    ``manifest_sha256`` when given: (manifest, problems in plain words; empty when every file is there,
+    unchanged, and nothing else is)."""
     from pathlib import Path
 
     path = Path(path)
@@ -1155,14 +1159,18 @@ def verify_bundle(path: Any) -> tuple[dict[str, Any], list[str]]:
         raise ExportError(f"{path} is neither a zip bundle nor a directory.")
     if MANIFEST not in names:
         raise ExportError(f"{path} has no {MANIFEST}: it was not written by this version's export, or it was removed.")
+    raw = b"".join(read(MANIFEST))
+    problems = []
+    if manifest_sha256 and hashlib.sha256(raw).hexdigest() != manifest_sha256.strip().lower():
+        problems.append(f"{MANIFEST} was changed: its SHA-256 is {hashlib.sha256(raw).hexdigest()}, not the recorded "
+                        f"{manifest_sha256.strip()}.")
     try:
-        manifest = json.loads(b"".join(read(MANIFEST)))
+        manifest = json.loads(raw)
         files = manifest["files"]
         if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
             raise ValueError(manifest.get("format"))
     except (ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{MANIFEST} in {path} is not a PartnerLab manifest ({exc}).") from None
-    problems = []
     for name, expected in files.items():
         if name not in names:
             problems.append(f"{name} is listed in the manifest but missing from the bundle.")
