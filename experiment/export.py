@@ -883,6 +883,18 @@ def encoded_chunks(t: Table, *, scope: Scope, options: Options, counter: dict[st
 
 # ---- codebook ----------------------------------------------------------------------------------------
 
+# What `manage.py replay --check` (experiment/replay.py) cannot reproduce exactly, said in the codebook.
+REPLAY_CLOCK_COLUMNS = ("joined_at", "lobby_at", "finished_at", "chosen_at", "returned_at", "created_at", "submitted_at",
+                        "choice_seconds", "return_seconds", "seconds", "decision_seconds")
+REPLAY_CLOCK_TOLERANCE_MS = 50
+REPLAY_NOT_REPLAYED = ("llm_calls", "events")
+
+
+def replay_id_column(name: str) -> bool:
+    """Ids of rows a replay creates anew: every ``*_id`` column but ``session_id`` (the session is the same)."""
+    return name.endswith("_id") and name != "session_id"
+
+
 def codebook(*, options: Options | None = None, scope: Scope | None = None, counts: dict[str, int] | None = None,
              tables: Sequence[Table] = TABLES) -> dict[str, Any]:
     """The codebook as data: tables, their rows, and every column with type, unit and meaning."""
@@ -903,6 +915,14 @@ def codebook(*, options: Options | None = None, scope: Scope | None = None, coun
                         "each session's design hash. "
                         "The export prints the manifest's own SHA-256; `manage.py verify_export BUNDLE "
                         "--manifest-sha256 HASH` checks that no file was changed, removed or added.",
+            "replay": "`manage.py replay SESSION_ID --check` re-runs a finished session from its seed, frozen design "
+                      "and logged inputs and compares every table row by row. Not compared: the ids (every `*_id` "
+                      "column but `session_id`: the replay's rows are new); the wall-clock columns ("
+                      + ", ".join(f"`{c}`" for c in REPLAY_CLOCK_COLUMNS)
+                      + f") are compared within {REPLAY_CLOCK_TOLERANCE_MS} ms, because the replay stamps an "
+                      "input with its logged time and the live server read its clock a few microseconds earlier. "
+                      "`llm_calls` is an input of the replay (model seats decide by their logged replies), and "
+                      "`events` is compared stream by stream (docs/replay.md).",
         },
         "recruitment_ids": {"omit": "not included", "include": "included as collected",
                             "pseudonymise": "replaced by stable pseudonyms"}[options.recruitment],
@@ -937,7 +957,7 @@ def codebook_markdown(book: dict[str, Any]) -> str:
     lines += ["## Conventions", "",
               f"- Encoding: {conventions['encoding']}; one file per table; missing values: {conventions['missing']}.",
               f"- {conventions['ids']}", f"- {conventions['designs']}",
-              f"- {conventions['manifest']}", "- Types:"]
+              f"- {conventions['manifest']}", f"- {conventions['replay']}", "- Types:"]
     lines += [f"  - `{name}`: {meaning}" for name, meaning in conventions["types"].items()]
     lines.append("")
     for entry in book["tables"]:

@@ -13,7 +13,7 @@ from bots.decisions import background
 from bots.fake_openai import DEFAULT_PITCH, FakeOpenAI
 from bots.models import BotDecision, BotProfile, LLMCall
 from bots.selectors import llm_spend
-from experiment import services
+from experiment import replay, services
 from experiment.models import Belief, Choice, Event, Group, Message, Participant, Return
 from tests import factories
 from tests.bots.conftest import experiment_with
@@ -113,5 +113,15 @@ async def test_a_whole_game_with_language_model_bots(fake: FakeOpenAI, profile: 
         assert spend["total"]["tokens_in"] == sum(calls.values_list("tokens_in", flat=True)) > 0
         assert spend["total"]["cost"] == sum(calls.values_list("cost", flat=True)) > 0
         assert spend["decisions"] == {"llm": n_decisions, "scripted": 0, "defaulted": 0}
+        # The session replays from its log, the model seats from their logged replies (issue 19)...
+        result = replay.replay(session.pk)
+        assert (result.refused, [str(d) for d in result.differences]) == ([], [])
+        assert result.identical
+        # ... and a logged reply edited after the game shows in the replay.
+        call = calls.filter(phase="choice").first()
+        LLMCall.objects.filter(pk=call.pk).update(parsed=[{**call.parsed[0], "amount": 1}])
+        changed = replay.replay(session.pk)
+        assert any(d.table == "choices" and d.column == "sent" and (d.stored, d.replayed) == (5, 1)
+                   for d in changed.differences), [str(d) for d in changed.differences]
 
     await check()

@@ -40,14 +40,18 @@ expect.set_options(timeout=TIMEOUT_MS)
 class Platform:
     """The running server, its database and the sessions prepared for the tests."""
 
-    def __init__(self, *, server: Proc, port: int, db: Path, sessions: dict[str, Any]) -> None:
-        self.server, self.port, self.db, self.sessions = server, port, db, sessions
+    def __init__(self, *, server: Proc, port: int, db: Path, sessions: dict[str, Any], env: dict[str, str]) -> None:
+        self.server, self.port, self.db, self.sessions, self.env = server, port, db, sessions, env
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def join_url(self, test: str) -> str:
         return self.url(f"/join/{self.sessions[test]['code']}/")
+
+    def manage(self, *args: str, timeout: float = 300) -> str:
+        """Run a management command against the server's database; fail with its output unless it exits 0."""
+        return run_command([PYTHON, "manage.py", *args], env=self.env, timeout=timeout)
 
     def rows(self, sql: str, *params: Any) -> list[sqlite3.Row]:
         """Read the server's database directly (read-only; WAL lets it run beside the server)."""
@@ -72,7 +76,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         server = procs.start("uvicorn", [PYTHON, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
                                          "--port", str(port), "--lifespan", "on"], env=env)
         server.wait_for_http(port, timeout=START_SECONDS)
-        yield Platform(server=server, port=port, db=db, sessions=sessions)
+        yield Platform(server=server, port=port, db=db, sessions=sessions, env=env)
     finally:
         procs.stop_all()
 

@@ -270,6 +270,9 @@ def test_two_people_play_a_whole_game_with_synthetic_participants(platform: Plat
     bots = {row["seat"] for row in platform.rows("SELECT seat FROM experiment_participant WHERE group_id = ? AND kind = 'bot'",
                                                  s["group_id"])}
     assert {seat for seat, (guess, _) in played.beliefs.items() if guess == "bot"} == bots
+    # The session played in the browser replays from its log as stored (--check exits 1 on any difference).
+    report = json.loads(platform.manage("replay", str(platform.sessions["full_game"]["session_id"]), "--check", "--json"))
+    assert report["identical"] and report["differences"] == [] and report["inputs"] > 20
 
 
 def test_reload_in_the_middle_of_a_phase_keeps_the_round_the_draft_and_the_choice(platform: Platform, people: People) -> None:

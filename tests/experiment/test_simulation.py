@@ -20,6 +20,7 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 
+from experiment import replay
 from experiment.models import Choice, Group, Message, Participant, QuestionnaireResponse, Return, RoundPayoff, Session
 from experiment.simulation import session_tables
 from tests import factories
@@ -98,6 +99,10 @@ def test_two_groups_play_to_the_end_and_store_every_decision(shareable_database)
                        + 2 * 3)  # one belief submission per selector
     assert summary["decisions"] == human_decisions
     assert summary["ack_ms"]["n"] >= summary["decisions"] and summary["phase_change_ms"]["n"] > 0
+    # A session played over websockets, with its real concurrency and clocks, replays as stored (issue 19).
+    result = replay.replay(session.pk)
+    assert (result.refused, [str(d) for d in result.differences]) == ([], [])
+    assert result.identical and result.inputs > 100
 
 
 def test_same_seed_same_decisions_and_payoffs(shareable_database) -> None:
