@@ -146,10 +146,12 @@ class _Recorded:
     streams: dict[tuple, list[tuple]]
 
 
-def _participant_keys(session: Session, people: list[Participant]) -> dict[int, tuple]:
-    keys: dict[int, tuple] = {p.pk: ("person", i) for i, p in enumerate(people)}
-    for pk, number, seat in (session.participants.exclude(pk__in=list(keys)).filter(group__isnull=False)
-                             .values_list("pk", "group__number", "seat")):
+def _seat_keys(session_id: int, persons: dict[int, tuple]) -> dict[int, tuple]:
+    """``persons`` (participant id -> ("person", join index)) with every other seated participant keyed by its
+    group number and seat: keys that name the same seat in the stored session and in its replay."""
+    keys = dict(persons)
+    for pk, number, seat in (Participant.objects.filter(session_id=session_id, group__isnull=False)
+                             .exclude(pk__in=list(keys)).values_list("pk", "group__number", "seat")):
         keys[pk] = ("seat", number, seat)
     return keys
 
@@ -196,7 +198,7 @@ def _record(session: Session) -> _Recorded:
     joined = [e.participant_id for e in events if e.type == "participant.joined"]
     by_pk = {p.pk: p for p in session.participants.filter(pk__in=joined)}
     people = [by_pk[pk] for pk in joined if pk in by_pk]
-    key_of = _participant_keys(session, people)
+    key_of = _seat_keys(session.pk, {p.pk: ("person", i) for i, p in enumerate(people)})
     texts = {(n, r, s): t for n, r, s, t in Message.objects.filter(group__session=session, timed_out=False)
              .values_list("group__number", "round_number", "candidate__seat", "text")}
     questionnaires = dict(QuestionnaireResponse.objects.filter(participant__session=session)
@@ -529,10 +531,7 @@ def replay(session_id: int) -> Result:
             replayed_session = Session.objects.get(pk=session_id)
             result.replayed_design_sha256 = (design.digest(replayed_session.design)
                                              if replayed_session.design is not None else "")
-            key_of = {pk: key for key, pk in replayer.new_of.items()}
-            for pk, number, seat in (Participant.objects.filter(session_id=session_id, group__isnull=False)
-                                     .exclude(pk__in=list(key_of)).values_list("pk", "group__number", "seat")):
-                key_of[pk] = ("seat", number, seat)
+            key_of = _seat_keys(session_id, {pk: key for key, pk in replayer.new_of.items() if key[0] == "person"})
             result.differences.extend(compare_tables(recorded.tables, _stored_tables(session_id)))
             result.differences.extend(compare_streams(
                 recorded.streams, _streams(session_id, lambda pk: key_of.get(pk) if pk is not None else None)))

@@ -30,14 +30,14 @@ class Command(BaseCommand):
         parser.add_argument("--manifest-sha256", default="", help="The bundle manifest's SHA-256 as recorded.")
 
     def handle(self, *args, **o) -> None:
+        if o["bundle"] and not o["bundle"].exists():
+            raise CommandError(f"{o['bundle']} does not exist.")
         try:
             result = replay.replay(o["session_id"])
             bundle = (replay.bundle_problems(o["bundle"], session_id=o["session_id"],
                                              manifest_sha256=o["manifest_sha256"]) if o["bundle"] else [])
         except (replay.ReplayError, export.ExportError) as exc:
             raise CommandError(str(exc)) from None
-        if o["bundle"] and not o["bundle"].exists():
-            raise CommandError(f"{o['bundle']} does not exist.")
         if o["json"]:
             self.stdout.write(json.dumps(result.as_dict() | {"bundle_problems": bundle}, indent=2, default=str))
         else:
