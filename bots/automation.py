@@ -18,7 +18,7 @@ from bots.scripted import ScriptedBot
 from bots.synthetic import SyntheticHuman
 from experiment import actions, game
 from experiment.game import RuleError
-from experiment.models import Event, Group, Participant
+from experiment.models import Event, Group, Participant, Society
 from experiment.scheduling import schedule, submit
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,10 @@ def _rng(participant: Participant, group: Group, purpose: str):
 
 
 def _act_at(p: Participant, group: Group, duration: float, since: datetime) -> datetime:
-    """When a (non-LLM) seat acts: its policy's delay after ``since``, never later than just before the deadline."""
+    """When a (non-LLM) seat acts: its policy's delay after ``since``, never later than just before the deadline.
+    In an AI-only group at once: the delay only keeps people from telling bots by their speed, and none are there."""
+    if group.society == Society.AI_ONLY:
+        return since
     delay = policy_for(p).delay(group.phase, duration, _rng(p, group, "delay"))
     return min(since + timedelta(seconds=delay), group.phase_deadline - timedelta(seconds=0.2))
 

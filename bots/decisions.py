@@ -47,7 +47,7 @@ from bots.scripted import ScriptedBot
 from bots.selectors import candidate_history
 from experiment import events, game
 from experiment.game import RuleError
-from experiment.models import Event, Group, Participant
+from experiment.models import Event, Group, Participant, Society
 from experiment.scheduling import schedule, submit
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class Plan:
     delay: tuple[float, float]
     typing_cps: float
     max_retries: int
+    human_like: bool = True  # release after a human-like delay; False in AI-only groups (nobody to tell bots by speed)
     settings: llm.LLMSettings | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     response_format: dict[str, Any] | None = None
@@ -163,6 +164,7 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
             fallback=profile.fallback if profile else BotProfile.Fallback.SCRIPTED,
             delay=(profile.delay_min, profile.delay_max) if profile else (4.0, 15.0),
             typing_cps=profile.typing_cps if profile else 8.0, max_retries=profile.max_retries if profile else 0,
+            human_like=group.society != Society.AI_ONLY,
         )
         if profile is None:
             return _with_problem(plan, decision, "This arm has no bot profile any more.")
@@ -291,7 +293,10 @@ def fallback(plan: Plan, reason: str) -> None:
 
 
 def release_time(plan: Plan, actions: list[dict[str, Any]], now: datetime) -> datetime:
-    """Human-like: the profile's delay after the phase opened, plus typing time for a message; never late."""
+    """Human-like: the profile's delay after the phase opened, plus typing time for a message; never late.
+    At once when the plan is not human-like (AI-only groups)."""
+    if not plan.human_like:
+        return now
     duration = max(1.0, (plan.deadline - plan.phase_started).total_seconds())
     delay = human_like_delay(plan.delay[0], plan.delay[1], duration, plan.rng("llm-delay"))
     typed = sum(len(a.get("text") or "") for a in actions if a.get("type") == "pitch.submit")

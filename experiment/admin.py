@@ -151,10 +151,10 @@ class ConditionFormSet(BaseInlineFormSet):
                 continue
             if form.instance.pk is None and not form.has_changed():
                 continue  # an empty extra row
-            data = {**{k: getattr(form.instance, k) for k in ("name", "disclose_identity", "disclose_from_round")},
-                    **{k: v for k, v in form.cleaned_data.items() if k in ("name", "disclose_identity", "disclose_from_round")}}
+            keys = ("name", "disclose_identity", "disclose_from_round", "society")
+            data = {**{k: getattr(form.instance, k) for k in keys}, **{k: v for k, v in form.cleaned_data.items() if k in keys}}
             specs.append(game.ConditionSpec(**data))
-        problems = game.condition_problems(conditions=specs, n_rounds=self.instance.n_rounds)
+        problems = game.condition_problems(conditions=specs, n_rounds=self.instance.n_rounds, n_humans=self.instance.n_humans)
         if problems:
             raise ValidationError(problems)
 
@@ -167,7 +167,7 @@ def _design_in_use(experiment: Experiment | None) -> bool:
 class ConditionInline(admin.TabularInline):
     model = Condition
     formset = ConditionFormSet
-    fields = ["name", "disclose_identity", "disclose_from_round", "bot_profile"]
+    fields = ["name", "society", "disclose_identity", "disclose_from_round", "bot_profile"]
     extra = 0
     verbose_name = "condition (treatment arm)"
     verbose_name_plural = "Conditions (treatment arms): each group is assigned one, balanced across groups"
@@ -323,7 +323,7 @@ class ExperimentAdmin(admin.ModelAdmin):
         if obj.pk is None:
             return "S + C − bot seats; shown once saved."
         if obj.n_humans < 1:
-            return "None: every seat is a bot (see the message above)."
+            return "None: every seat is a bot; groups are started by staff (cockpit or manage.py society)."
         return f"{obj.n_humans}: a group forms when {obj.n_humans} people wait in the lobby."
 
     @admin.display(description="Sessions of this experiment")

@@ -7,6 +7,7 @@ urlpatterns = [
     path("", views.session_list, name="sessions"),
     path("sessions/<int:session_id>/", views.monitor, name="monitor"),
     path("sessions/<int:session_id>/end/", views.session_end, name="session-end"),
+    path("sessions/<int:session_id>/society/", views.society_start, name="society-start"),
     path("sessions/<int:session_id>/payments/", views.payments, name="payments"),
     path("sessions/<int:session_id>/spend/", views.spend, name="spend"),
     path("groups/<int:group_id>/<str:action>/", views.group_action, name="group-action"),

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_POST
 
 from experiment import services
 from experiment.game import RuleError
-from experiment.models import Participant, Session
+from experiment.models import Participant, Session, Society
 
 
 @staff_member_required
@@ -25,7 +25,9 @@ def session_list(request: HttpRequest) -> HttpResponse:
 def monitor(request: HttpRequest, session_id: int) -> HttpResponse:
     session = get_object_or_404(Session.objects.select_related("experiment"), pk=session_id)
     join_url = request.build_absolute_uri(f"/join/{session.code}/")
-    return render(request, "cockpit/monitor.html", {"session": session, "join_url": join_url})
+    ai_only = list(session.experiment.conditions.filter(society=Society.AI_ONLY).values_list("name", flat=True))
+    return render(request, "cockpit/monitor.html", {"session": session, "join_url": join_url, "ai_only_conditions": ai_only,
+                                                    "max_society_groups": services.MAX_SOCIETY_GROUPS})
 
 
 def _act(action: Callable[[], None]) -> JsonResponse:
@@ -61,6 +63,23 @@ def participant_action(request: HttpRequest, participant_id: int, action: str) -
 def session_end(request: HttpRequest, session_id: int) -> JsonResponse:
     get_object_or_404(Session, pk=session_id)
     return _act(lambda: services.session_end(session_id=session_id, actor_id=request.user.pk))
+
+
+@staff_member_required
+@require_POST
+def society_start(request: HttpRequest, session_id: int) -> JsonResponse:
+    """Start AI-only groups in the session (form fields ``groups`` and, optionally, ``condition``)."""
+    get_object_or_404(Session, pk=session_id)
+    text = request.POST.get("groups", "").strip()
+    if not text.isdecimal() or len(text) > 6:
+        return JsonResponse({"ok": False, "code": "invalid_groups",
+                             "message": f"Give a number of groups from 1 to {services.MAX_SOCIETY_GROUPS}."}, status=400)
+    condition = request.POST.get("condition") or None
+    try:
+        ids = services.society_start(session_id=session_id, groups=int(text), condition=condition, actor_id=request.user.pk)
+    except RuleError as exc:
+        return JsonResponse({"ok": False, "code": exc.code, "message": exc.message}, status=409)
+    return JsonResponse({"ok": True, "groups": ids})
 
 
 @staff_member_required

@@ -320,6 +320,7 @@ def _group_columns(group: str, *, round_field: str | None) -> list[Column]:
         col("group_id", f"{group}_id", "Group id: one mini-society playing together through all rounds."),
         col("group_number", f"{group}__number"),
         col("condition", f"{group}__condition__name", "Condition (treatment arm) of the group: {help}"),
+        col("society", f"{group}__society", "Society of the group: {help}"),
     ]
     if round_field is not None:
         columns += [
@@ -356,6 +357,8 @@ def _participants_columns() -> list[Column]:
         col("group_id", "group_id", "Group id; empty for a participant never placed in a group (declined, lobby timeout)."),
         col("group_number", "group__number"),
         col("condition", "group__condition__name", "Condition (treatment arm) of the participant's group: {help}"),
+        col("society", "group__society", "Society of the participant's group: {help} Empty for a participant never "
+                                         "placed in a group."),
         col("participant_id", "id", "Participant id (one seat; the same id appears in every other table)."),
         col("seat", "seat"),
         col("role", "role", "Role, fixed for the whole game: {help}", values=P.Role.values),
@@ -557,6 +560,7 @@ LLM_COLUMNS: list[tuple[str, str, str, str]] = [
     ("group_id", "group_id", "integer", "Group id."),
     ("group_number", "group__number", "integer", "Group number within the session, from 1."),
     ("condition", "group__condition__name", "string", "Condition (treatment arm) of the group."),
+    ("society", "group__society", "string", "Society of the group: hybrid (people and bots) or ai_only (a bot in every seat)."),
     ("participant_id", "participant_id", "integer", "Participant id of the bot seat the call was made for."),
     ("seat", "participant__seat", "string", "Seat of the bot."),
     ("round", "round_number", "integer", "Round of the call."),

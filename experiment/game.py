@@ -104,6 +104,7 @@ class ConditionSpec:
     name: str
     disclose_identity: bool = False
     disclose_from_round: int = 1
+    society: str = "hybrid"  # "hybrid" or "ai_only" (experiment.models.Society)
 
 
 _CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
@@ -132,9 +133,6 @@ def design_problems(*, n_selectors: int, n_bot_selectors: int, n_candidates: int
         problems["n_candidates"] = "At most 26 candidates (pseudonyms A to Z): lower the number of candidates."
     if n_candidates < 2:
         problems["n_candidates"] = "Partner choice needs at least 2 candidates: set the number of candidates to 2 or more."
-    if n_selectors + n_candidates - n_bot_selectors - n_bot_candidates < 1 and "n_bot_candidates" not in problems:
-        problems["n_bot_candidates"] = ("Every seat is a bot: a group needs at least one human seat. "
-                                        "Lower the bot candidates or the bot selectors.")
     try:
         parse_belief_rounds(belief_rounds, n_rounds)
     except RuleError as exc:
@@ -153,12 +151,19 @@ def design_problems(*, n_selectors: int, n_bot_selectors: int, n_candidates: int
     return problems
 
 
-def condition_problems(*, conditions: Sequence[ConditionSpec], n_rounds: int) -> list[str]:
-    """What is wrong with a set of treatment arms (empty when they can run)."""
+def condition_problems(*, conditions: Sequence[ConditionSpec], n_rounds: int, n_humans: int | None = None) -> list[str]:
+    """What is wrong with a set of treatment arms (empty when they can run). ``n_humans``: human seats per group
+    in the experiment's composition (None: not checked). A design with none can only run AI-only arms."""
     if not conditions:
         return ['Add at least one condition: every group is assigned to one, so an experiment without conditions '
                 'cannot run (for example "hidden" without identity labels and "disclosed" with them).']
     problems: list[str] = []
+    if n_humans == 0:
+        hybrid = [c.name for c in conditions if c.society != "ai_only"]
+        if hybrid:
+            names = ", ".join(f'"{name}"' for name in hybrid)
+            problems.append(f"Every seat is a bot, so no group can form from people in the lobby: set the society of "
+                            f"condition {names} to AI only, or make some seats human.")
     seen: set[str] = set()
     for condition in conditions:
         key = condition.name.strip().lower()

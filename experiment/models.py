@@ -179,6 +179,13 @@ class Experiment(models.Model):
             raise ValidationError(errors)
 
 
+class Society(models.TextChoices):
+    """Who sits in a group: the experiment's mix of people and bots, or bots in every seat."""
+
+    HYBRID = "hybrid", "Hybrid: people in the human seats, bots in the bot seats"
+    AI_ONLY = "ai_only", "AI only: a bot in every seat, no people"
+
+
 class Condition(models.Model):
     """A treatment arm, assigned per group."""
 
@@ -194,6 +201,12 @@ class Condition(models.Model):
         help_text="Language model that plays this arm's bot seats (and seats bots take over). Empty, or its API key "
                   "missing from the environment: the offline scripted bot plays.",
     )
+
+    society = models.CharField(
+        max_length=8, choices=Society.choices, default=Society.HYBRID,
+        help_text="hybrid: groups form in the lobby from the people who join, bots in the experiment's bot seats. "
+                  "ai_only: the same seats and rules with a bot in every seat; such groups are started by staff "
+                  "(cockpit or manage.py society), never from the lobby.")
 
     class Meta:
         ordering = ["id"]
@@ -260,6 +273,9 @@ class Group(models.Model):
     condition = models.ForeignKey(Condition, on_delete=models.PROTECT, related_name="groups",
                                   help_text="Treatment arm of the group.")
     number = models.PositiveIntegerField(help_text="Group number within the session, from 1.")
+    society = models.CharField(max_length=8, choices=Society.choices, default=Society.HYBRID,
+                               help_text="hybrid (people and bots, formed in the lobby) or ai_only (a bot in every "
+                                         "seat, started by staff).")
     seed = models.BigIntegerField(default=_seed, help_text="Seed for the group's randomness (orders, defaults).")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PLAYING)
     round_number = models.PositiveSmallIntegerField(default=1, help_text="Current round, from 1.")

@@ -48,7 +48,8 @@ def group_summary(group: Group, participants: list[Participant] | None = None) -
     pending = {p.pk for p in services.pending_seats(group, params)} if playing else set()
     acting = game.actors(game.Phase(group.phase)) if playing else None
     return {
-        "id": group.pk, "number": group.number, "condition": group.condition.name, "status": group.status,
+        "id": group.pk, "number": group.number, "condition": group.condition.name, "society": group.society,
+        "status": group.status,
         "round": group.round_number, "rounds": params.n_rounds, "phase": group.phase if playing else "finished",
         "deadline": group.phase_deadline.isoformat() if group.phase_deadline else None,
         "paused": group.paused_at is not None, "paused_remaining": group.paused_remaining,

@@ -18,10 +18,11 @@ from experiment.game import RuleError
 from experiment.models import Condition, Experiment
 
 
-class ConditionData(TypedDict):
+class ConditionData(TypedDict, total=False):
     name: str
     disclose_identity: bool
     disclose_from_round: int
+    society: str
 
 
 class Preset(TypedDict):
@@ -52,6 +53,21 @@ PRESETS: dict[str, Preset] = {
         "description": "Two arms, balanced across groups: hidden labels and disclosed labels.",
         "fields": {},
         "conditions": [HIDDEN, DISCLOSED],
+    },
+    "hybrid-vs-ai-only": {
+        "label": "Hybrid vs AI-only societies",
+        "description": "Two arms with hidden labels and the same seats: people and bots in the hybrid groups (formed "
+                       "in the lobby), a bot in every seat of the AI-only groups (started by staff: cockpit or "
+                       "manage.py society). One analysis compares them.",
+        "fields": {},
+        "conditions": [HIDDEN, {"name": "ai-only", "disclose_identity": False, "disclose_from_round": 1,
+                                "society": "ai_only"}],
+    },
+    "ai-only": {
+        "label": "AI-only society",
+        "description": "Every seat a bot: groups are started by staff (cockpit or manage.py society), nobody joins.",
+        "fields": {"n_bot_selectors": 3, "n_bot_candidates": 4},
+        "conditions": [{"name": "ai-only", "disclose_identity": False, "disclose_from_round": 1, "society": "ai_only"}],
     },
 }
 
@@ -94,8 +110,9 @@ def experiment_duplicate(*, experiment_id: int, name: str | None = None) -> Expe
 
 def _conditions_create(experiment: Experiment, conditions: list[dict[str, Any]]) -> None:
     specs = [game.ConditionSpec(name=c["name"], disclose_identity=c.get("disclose_identity", False),
-                                disclose_from_round=c.get("disclose_from_round", 1)) for c in conditions]
-    problems = game.condition_problems(conditions=specs, n_rounds=experiment.n_rounds)
+                                disclose_from_round=c.get("disclose_from_round", 1), society=c.get("society", "hybrid"))
+             for c in conditions]
+    problems = game.condition_problems(conditions=specs, n_rounds=experiment.n_rounds, n_humans=experiment.n_humans)
     if problems:
         raise ValidationError({"conditions": problems})
     for fields in conditions:

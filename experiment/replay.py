@@ -340,6 +340,10 @@ class _Replayer:
         if self.participant(e.participant_id).status == P.Status.LOBBY:
             services.lobby_sweep(session_id=self.session_id, now=e.created_at)
 
+    def on_society_started(self, e: Event) -> None:
+        services.society_start(session_id=self.session_id, groups=e.payload["groups"], condition=e.payload["condition"],
+                               actor_id=e.actor_id)
+
     def on_group_formed(self, e: Event) -> None:
         if self.group(e.group.number) is None:  # formed by the lobby's clock (synthetic fill), not by an arrival
             services.lobby_sweep(session_id=self.session_id, now=e.created_at)

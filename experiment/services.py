@@ -6,6 +6,7 @@ Humans (through the consumer), automated seats and staff all come through these 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from experiment.game import Phase, RuleError
 from experiment.models import (
     Belief,
     Choice,
+    Condition,
     Event,
     Group,
     Message,
@@ -33,6 +35,7 @@ from experiment.models import (
     RoundPayoff,
     SeatConnection,
     Session,
+    Society,
 )
 from experiment.scheduling import schedule
 
@@ -138,6 +141,9 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
             return existing
     if session.status != Session.Status.OPEN:
         raise RuleError("session_closed", "This study is not accepting participants at the moment.")
+    if not _lobby_conditions(session):
+        raise RuleError("no_human_seats", "This study has no places for participants: its groups are played by AI "
+                                          "agents only.")
     people = session.participants.filter(controller=P.Controller.PERSON).count()
     if people >= session.capacity + session.over_recruitment:
         raise RuleError("session_full", "This study is full. Thank you for your interest.")
@@ -222,15 +228,16 @@ def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> dic
 
     experiment = session.experiment
     params = experiment.params()
+    conditions = _lobby_conditions(session)
     waiting = list(session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
                    .order_by("lobby_at", "id"))
     formed = []
-    while len(waiting) >= params.n_humans:
-        formed.append(_group_form(session, waiting[: params.n_humans], params, now))
+    while conditions and len(waiting) >= params.n_humans:
+        formed.append(_group_form(session, waiting[: params.n_humans], params, now, conditions=conditions))
         waiting = waiting[params.n_humans:]
     fill_after = session.synthetic_fill_after
-    if waiting and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after):
-        formed.append(_group_form(session, waiting, params, now))
+    if conditions and waiting and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after):
+        formed.append(_group_form(session, waiting, params, now, conditions=conditions))
         waiting = []
     states = lobby_states(session, waiting) if formed or changed else {}
     if states:
@@ -239,19 +246,31 @@ def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> dic
     return states
 
 
-def _group_form(session: Session, people: list[Participant], params: game.Params, now: datetime) -> Group:
+def _lobby_conditions(session: Session) -> list[Condition]:
+    """The arms a group formed from people can be assigned to: the hybrid ones, when the design has human seats."""
+    if session.experiment.n_humans < 1:
+        return []
+    return list(session.experiment.conditions.filter(society=Society.HYBRID))
+
+
+def _group_form(session: Session, people: list[Participant], params: game.Params, now: datetime, *,
+                conditions: list[Condition], society: str = Society.HYBRID) -> Group:
+    """Seat a new group in one of ``conditions`` (balanced over the session's groups in them). An AI-only group
+    gets a bot in every seat (``people`` is empty); its seats and roles are those of the design."""
     from bots.automation import bot_controller
 
-    conditions = list(session.experiment.conditions.all())
     counts = dict.fromkeys((c.name for c in conditions), 0)
-    counts.update(session.groups.values("condition__name").annotate(n=Count("id")).values_list("condition__name", "n"))
+    counts.update(session.groups.filter(condition__in=conditions).values("condition__name").annotate(n=Count("id"))
+                  .values_list("condition__name", "n"))
     number = (session.groups.aggregate(m=Max("number"))["m"] or 0) + 1
     # A session seed (simulations) pins every group's randomness independently of database ids.
     root = (session.seed,) if session.seed is not None else (session.pk, session.code)
     seed = game.rng(*root, "group", number).randrange(2**31)
     condition = next(c for c in conditions if c.name == game.pick_condition(counts, seed, number))
     design.freeze(session)
-    group = Group.objects.create(session=session, condition=condition, number=number, seed=seed)
+    group = Group.objects.create(session=session, condition=condition, number=number, seed=seed, society=society)
+    if society == Society.AI_ONLY:
+        params = dataclasses.replace(params, n_bot_selectors=params.n_selectors, n_bot_candidates=params.n_candidates)
     synthetic = params.n_humans - len(people)
     humans = list(people) + [
         Participant(session=session, kind=P.Kind.HUMAN, controller=P.Controller.SYNTHETIC) for _ in range(synthetic)
@@ -265,8 +284,12 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
         p.group, p.role, p.seat, p.status = group, plan.role, plan.seat, P.Status.PLAYING
         p.save()
         seats[plan.seat] = {"participant": p.pk, "role": plan.role, "kind": p.kind, "controller": p.controller}
+    if society == Society.AI_ONLY:
+        # Its bots join when staff start the society, not while the call seats the groups before this one.
+        group.participants.update(joined_at=now)
     _log(session_id=session.pk, type="group.formed", group=group,
-         payload={"condition": condition.name, "seats": seats, "synthetic_humans": synthetic, "seed": seed})
+         payload={"condition": condition.name, "society": society, "seats": seats, "synthetic_humans": synthetic,
+                  "seed": seed})
     _phase_open(group, 1, Phase.PITCH, params, now)
     _advance(group, params, now)
     # Each person's first view of the game goes to their own channel (they follow the group's from then on).
@@ -851,6 +874,34 @@ def session_end(*, session_id: int, actor_id: int | None) -> None:
         events.refresh_on_commit(events.seat_channel(p.pk))
     still_in.update(status=P.Status.FINISHED, finished_at=now)
     events.refresh_on_commit(events.lobby_channel(session.pk))
+
+
+MAX_SOCIETY_GROUPS = 200  # per call: one transaction holds the session lock while it seats them
+
+
+@transaction.atomic
+def society_start(*, session_id: int, groups: int, condition: str | None = None, actor_id: int | None = None) -> list[int]:
+    """Start ``groups`` AI-only groups in the session: a bot in every seat, in the experiment's AI-only arms
+    (balanced over them, or all in ``condition``). They play through the same services, rules, deadlines and
+    jobs as any group. Returns the new groups' ids."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= MAX_SOCIETY_GROUPS:
+        raise RuleError("invalid_groups", f"Give a number of groups from 1 to {MAX_SOCIETY_GROUPS}.")
+    session = _lock_session(session_id)
+    if session.ended_at is not None:
+        raise RuleError("session_ended", "This session has ended: start AI-only groups in a new session.")
+    arms = list(session.experiment.conditions.filter(society=Society.AI_ONLY))
+    if condition is not None:
+        arms = [c for c in arms if c.name == condition]
+        if not arms:
+            raise RuleError("unknown_condition", f'The experiment has no AI-only condition named "{condition}"'[:200] + ".")
+    if not arms:
+        raise RuleError("no_ai_only_condition", "The experiment has no AI-only condition: set a condition's society "
+                                                "to AI only in the admin first.")
+    now = timezone.now()
+    _log(session_id=session.pk, type="society.started", actor_id=actor_id,
+         payload={"groups": groups, "condition": condition})
+    params = session.experiment.params()
+    return [_group_form(session, [], params, now, conditions=arms, society=Society.AI_ONLY).pk for _ in range(groups)]
 
 
 # ---- presence: the seats' open websockets (experiment/presence.py) ------------------------------------------

@@ -76,6 +76,7 @@
       el("header", {}, [
         el("strong", {}, ["Group " + g.number]),
         el("span", {class: "pill"}, [g.condition]),
+        g.society === "ai_only" ? el("span", {class: "pill ai-only"}, ["AI only"]) : "",
         el("span", {}, [playing ? "Round " + g.round + "/" + g.rounds + " · " + g.phase : "finished"]),
         el("span", {class: "clock", "data-deadline": g.deadline || ""}, [g.paused ? "paused" : (playing ? countdown(g.deadline) : "")])
       ]),
@@ -176,6 +177,21 @@
       setTimeout(connect, 500 * Math.pow(2, retry - 1));
     };
   }
+
+  var society = document.getElementById("society-form");
+  if (society) society.addEventListener("submit", function (event) {
+    event.preventDefault();
+    var button = society.querySelector("button");
+    button.disabled = true;
+    fetch(society.action, {method: "POST", headers: {"X-CSRFToken": csrf}, credentials: "same-origin",
+                           body: new FormData(society)})
+      .then(function (r) { return r.json(); })
+      .then(function (body) {
+        notice(body.ok ? body.groups.length + " AI-only groups started." : (body.message || "The groups could not be started."));
+      })
+      .catch(function () { notice("The request could not be sent. Check your connection."); })
+      .then(function () { button.disabled = false; });
+  });
 
   document.getElementById("end-session").addEventListener("click", function () {
     post("/cockpit/sessions/" + root.dataset.session + "/end/",

@@ -45,6 +45,7 @@ def _design_post(*, conditions: tuple[tuple[str, bool, int], ...] = (("hidden", 
                  "conditions-MIN_NUM_FORMS": "0", "conditions-MAX_NUM_FORMS": "1000"})
     for i, (name, disclose, from_round) in enumerate(conditions):
         data[f"conditions-{i}-name"] = name
+        data[f"conditions-{i}-society"] = "hybrid"
         data[f"conditions-{i}-disclose_from_round"] = str(from_round)
         if disclose:
             data[f"conditions-{i}-disclose_identity"] = "on"
@@ -110,10 +111,25 @@ def test_creating_an_experiment_with_the_defaults(admin_client: Client) -> None:
         ("hidden", False, 1), ("disclosed", True, 1)]
 
 
+def test_an_all_bot_design_with_an_ai_only_arm_is_accepted(admin_client: Client) -> None:
+    post = _design_post(conditions=(("bots", False, 1),), n_bot_selectors="3", n_bot_candidates="4")
+    post["conditions-0-society"] = "ai_only"
+    response = admin_client.post(ADD_URL, post)
+    assert response.status_code == 302, _page(response)[:3000]
+    experiment = Experiment.objects.get(slug="trust-study")
+    assert experiment.n_humans == 0
+    assert list(experiment.conditions.values_list("name", "society")) == [("bots", "ai_only")]
+    refused = admin_client.post(ADD_URL, {**_design_post(slug="other"), "conditions-0-society": "martian"})
+    assert refused.status_code == 200 and "Select a valid choice" in _page(refused)
+    assert not Experiment.objects.filter(slug="other").exists()
+
+
 IMPOSSIBLE = [
     pytest.param({"n_bot_candidates": "5"}, "There are 5 bot candidates but only 4 candidate seats", id="bots>candidates"),
     pytest.param({"n_bot_selectors": "4"}, "There are 4 bot selectors but only 3 selector seats", id="bots>selectors"),
-    pytest.param({"n_bot_selectors": "3", "n_bot_candidates": "4"}, "a group needs at least one human seat", id="no-human"),
+    pytest.param({"n_bot_selectors": "3", "n_bot_candidates": "4"},
+                 'Every seat is a bot, so no group can form from people in the lobby: set the society of condition '
+                 '"hidden", "disclosed" to AI only', id="no-human-in-hybrid-arms"),
     pytest.param({"n_candidates": "1", "n_bot_candidates": "0"}, "Partner choice needs at least 2 candidates",
                  id="one-candidate"),
     pytest.param({"belief_rounds": "11"}, "Belief round 11 is outside rounds 1..10: use rounds from 1 to 10", id="belief>R"),
@@ -184,7 +200,8 @@ def test_an_edit_that_makes_a_condition_impossible_is_refused(admin_client: Clie
     data = _design_post(conditions=(), n_rounds="5", name=experiment.name, slug=experiment.slug)
     data.update({"conditions-TOTAL_FORMS": "1", "conditions-INITIAL_FORMS": "1", "conditions-0-id": str(condition.pk),
                  "conditions-0-experiment": str(experiment.pk), "conditions-0-name": "late",
-                 "conditions-0-disclose_identity": "on", "conditions-0-disclose_from_round": "8"})
+                 "conditions-0-disclose_identity": "on", "conditions-0-disclose_from_round": "8",
+                 "conditions-0-society": "hybrid"})
     response = admin_client.post(reverse("admin:experiment_experiment_change", args=[experiment.pk]), data)
     assert response.status_code == 200
     assert 'shows identity labels from round 8, but the experiment has 5 rounds' in _page(response)

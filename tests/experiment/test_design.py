@@ -52,7 +52,8 @@ def test_a_group_formed_without_a_join_freezes_it_too() -> None:
     session = factories.session_create()
     Session.objects.filter(pk=session.pk).update(design=None)
     locked = Session.objects.select_related("experiment").get(pk=session.pk)
-    services._group_form(locked, [], locked.experiment.params(), locked.created_at)
+    services._group_form(locked, [], locked.experiment.params(), locked.created_at,
+                         conditions=list(locked.experiment.conditions.all()))
     session.refresh_from_db()
     assert session.design == design.snapshot(session.experiment)
 

@@ -75,7 +75,7 @@ def played() -> Session:
 
 def _group_part(g: Any) -> dict[str, str]:
     return {"experiment": g.session.experiment.slug, "session_id": s(g.session_id), "group_id": s(g.pk),
-            "group_number": s(g.number), "condition": g.condition.name}
+            "group_number": s(g.number), "condition": g.condition.name, "society": g.society}
 
 
 def _settled(participant_id: int, round_number: int) -> bool:
@@ -124,7 +124,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
         profile = p.group.condition.bot_profile if p.group and p.controller == "llm" else None
         expected = {"experiment": played.experiment.slug, "session_id": s(played.pk), "group_id": s(p.group_id),
                     "group_number": s(p.group.number if p.group else None),
-                    "condition": p.group.condition.name if p.group else "", "participant_id": s(p.pk), "seat": p.seat,
+                    "condition": p.group.condition.name if p.group else "", "society": p.group.society if p.group else "",
+                    "participant_id": s(p.pk), "seat": p.seat,
                     "role": p.role, "kind": p.kind, "is_bot": s(p.kind == "bot"), "controller": p.controller,
                     "bot_profile": profile.name if profile else "", "bot_model": profile.model if profile else "",
                     "status": p.status, "prolific_pid": p.prolific_pid, "study_id": p.study_id,
@@ -227,7 +228,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
     for a in answers:
         p = a.participant
         expected = {"experiment": played.experiment.slug, "session_id": s(played.pk), "group_id": s(p.group_id),
-                    "group_number": s(p.group.number), "condition": p.group.condition.name, "participant_id": s(p.pk),
+                    "group_number": s(p.group.number), "condition": p.group.condition.name,
+                        "society": p.group.society, "participant_id": s(p.pk),
                     "role": p.role, "seat": p.seat, "kind": p.kind,
                     **{q["id"]: s(a.answers[q["id"]]) for q in QUESTIONS}, "submitted_at": s(a.created_at)}
         assert rows[s(p.pk)] == expected

@@ -408,7 +408,6 @@ def test_the_default_design_has_no_problem() -> None:
     ({"n_bot_selectors": 4}, "n_bot_selectors", "only 3 selector seats"),
     ({"n_candidates": 27, "n_bot_candidates": 0}, "n_candidates", "26"),
     ({"n_candidates": 1, "n_bot_candidates": 0}, "n_candidates", "at least 2"),
-    ({"n_bot_selectors": 3, "n_bot_candidates": 4}, "n_bot_candidates", "at least one human"),
     ({"belief_rounds": "11"}, "belief_rounds", "outside rounds 1..10"),
     ({"belief_rounds": "sometimes"}, "belief_rounds", "sometimes"),
     ({"quiz": {"q": 1}}, "quiz", "list"),
