@@ -384,6 +384,10 @@ def decide_now(*, participant_id: int, round_number: int, phase: str) -> RetryAt
         call_id = call_open(plan, messages, purpose)
         if call_id is None:
             return None
+        # Give the database connection back (to the process's pool) while the model thinks: a thread-pool worker
+        # runs hundreds of turns at once on a pool of a few connections, which would otherwise cap the turns in
+        # flight at the pool's size, each holding its connection idle for the model's latency.
+        close_old_connections()
         result = _request(plan.settings, messages, plan.response_format)
         step = call_close(plan, call_id, messages, result)
         if not isinstance(step, Correct):

@@ -58,3 +58,30 @@ def test_manage_py_society_runs_llm_groups_through_celery_workers(fake: FakeOpen
     assert max(waits) < 3.0, sorted(waits)[-5:]
     # The whole game took about the model's latency per phase plus the feedback phases, not the profile's delays.
     assert s["duration_s"] < 60
+
+
+def test_a_thread_pool_worker_does_not_hold_a_database_connection_while_the_model_thinks(
+        fake: FakeOpenAI, broker: str, procs, transactional_db: None) -> None:  # noqa: F811
+    """With a pool of 2 connections, 6 turns still wait on the model together (before, at most 2 did)."""
+    fake.latency = 1.5
+    profile = profile_create(fake.base_url)
+    experiment = factories.experiment_create(conditions=(), n_selectors=2, n_bot_selectors=2, n_candidates=6,
+                                             n_bot_candidates=6, n_rounds=1, belief_rounds="", pitch_seconds=30,
+                                             choice_seconds=30, return_seconds=30, feedback_seconds=1)
+    Condition.objects.create(experiment=experiment, name="llm-only", society=Society.AI_ONLY, bot_profile=profile)
+    env = clean_env(DJANGO_SETTINGS_MODULE="tests.bots.worker_settings", DJANGO_SECRET_KEY="x" * 60,
+                    DJANGO_ALLOWED_HOSTS="127.0.0.1", DATABASE_URL=_database_url(), REDIS_URL=broker,
+                    DB_POOL_MAX_SIZE="2", DB_POOL_MIN_SIZE="1", **{KEY_ENV: KEY})
+    worker = procs.start("llm-threads", [PYTHON, "-m", "celery", "-A", "config", "worker", "--pool", "threads",
+                                         "--concurrency", "20", "--loglevel", "INFO", "--without-mingle",
+                                         "--without-gossip", "--hostname", "llmthreads@%h"], env=env)
+    worker.wait_for_log(r"@\S+ ready\.", timeout=60)
+    out = run_command([PYTHON, str(ROOT / "manage.py"), "society", "--experiment", experiment.slug, "--groups", "1",
+                       "--seed", "2", "--json", "--time-limit", "90"], env=env, timeout=120)
+    s = json.loads(out[out.index("{"):])
+    assert s["groups_finished"] == 1, s
+    pitches = list(LLMCall.objects.filter(session_id=s["session"], phase="pitch").values_list("created_at", "finished_at"))
+    assert len(pitches) == 6
+    # The most model calls in flight at one instant: each call's start, counted against the calls still open then.
+    most = max(sum(1 for a, b in pitches if a <= start < b) for start, _ in pitches)
+    assert most == 6, pitches
