@@ -386,8 +386,10 @@ def decide_now(*, participant_id: int, round_number: int, phase: str) -> RetryAt
             return None
         # Give the database connection back (to the process's pool) while the model thinks: a thread-pool worker
         # runs hundreds of turns at once on a pool of a few connections, which would otherwise cap the turns in
-        # flight at the pool's size, each holding its connection idle for the model's latency.
-        close_old_connections()
+        # flight at the pool's size, each holding its connection idle for the model's latency. (Not inside a
+        # transaction: a caller's, e.g. a test's, would be lost.)
+        if not connection.in_atomic_block:
+            close_old_connections()
         result = _request(plan.settings, messages, plan.response_format)
         step = call_close(plan, call_id, messages, result)
         if not isinstance(step, Correct):
