@@ -35,6 +35,7 @@ from django.db.models import Avg, Count, F, FloatField, Q, QuerySet, Value
 from django.db.models.functions import Cast, NullIf
 from django.template.loader import render_to_string
 
+from experiment import adaptation
 from experiment.export import Scope
 from experiment.models import Belief, Choice, Condition, Participant
 
@@ -742,6 +743,34 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+ADAPTATION_TABLES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    # section: (title, the column saying whose measures these are, the measures)
+    "candidates": ("Candidate seats: return responsiveness and pitch change", "kind", adaptation.CANDIDATE_MEASURES),
+    "selectors": ("Selector seats: staying with partners who return more", "kind", adaptation.SELECTOR_MEASURES),
+    "groups": ("Groups: concentration and persistence of choices (settled rounds)", "selector_kind",
+               adaptation.GROUP_MEASURES),
+}
+
+
+def adaptation_context(*, scope: Scope) -> dict[str, Any]:
+    """The report's "Adaptation" section: per arm and kind, the mean of each per-unit measure of
+    :mod:`experiment.adaptation` with the number of units it is defined for, as (header, rows) per section."""
+    summary = adaptation.summary(scope, conditions_order=_conditions_order(scope))
+    out: dict[str, Any] = {"sections": []}
+    for section, (title, who, measures) in ADAPTATION_TABLES.items():
+        out[section] = [[r["condition"], r[who], r["n"], *(f"{_fmt(r[m])} ({r[f'n_{m}']})" for m in measures)]
+                        for r in summary[section]]
+        out["sections"].append({"title": title, "headers": ["condition", who, "n", *measures], "rows": out[section]})
+    keys = ("estimate", "se", "df", "low", "high", "p")
+    out["pooled"] = [[r["condition"], r["kind"], r["slope"], *(_fmt(r[k]) for k in keys), r["n"], r["n_clusters"],
+                      r["error"]] for r in summary["pooled"]]
+    out["sections"].append({
+        "title": "Pooled slopes by arm and kind (OLS with an intercept; SE CR2 clustered by group, 95 % CI on "
+                 "Student's t with Bell–McCaffrey df)",
+        "headers": ["condition", "kind", "slope of", *keys, "n", "groups", "why empty"], "rows": out["pooled"]})
+    return out
+
+
 def report_context(*, scope: Scope, title: str, include_timeouts: bool = False, cluster: str = "group",
                    inference: str = "auto") -> dict[str, Any]:
     summary = summary_rows(scope=scope, include_timeouts=include_timeouts, cluster=cluster)
@@ -767,6 +796,7 @@ def report_context(*, scope: Scope, title: str, include_timeouts: bool = False, 
                   for c in fit.mixed.get("coefficients", [])],
         "slopes": [[s.condition, _fmt(s.estimate), _fmt(s.se), _fmt(s.df), _fmt(s.low), _fmt(s.high),
                     _fmt(s.odds_ratio), _fmt(s.p)] for s in fit.slopes],
+        "adaptation": adaptation_context(scope=scope),
         "raw": {"summary": summary, "beliefs": beliefs},
     }
 

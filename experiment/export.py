@@ -4,6 +4,9 @@ One definition per table (:data:`TABLES`) drives everything that leaves the plat
 files in the zip bundle, ``codebook.md`` / ``codebook.json`` (column meanings come from the models'
 ``help_text`` wherever a column is a stored field, so the codebook cannot drift from the models), the
 ``export`` and ``codebook`` management commands, the staff download views and the API bundle endpoint.
+Tables that no single query expresses (the adaptation metrics of :mod:`experiment.adaptation`) are
+:data:`DERIVED_TABLES`: computed in Python from the same scope, written after the others, in the same
+codebook and manifest.
 
 Memory stays flat whatever the size: every table is one query whose rows are streamed a chunk at a
 time (``QuerySet.iterator(chunk_size=…)``; on PostgreSQL psycopg's chunked ``stream()``, see
@@ -54,6 +57,7 @@ from django.db.models import (
 from django.db.models.fields.json import KeyTextTransform
 from django.db.models.functions import Cast, Coalesce, Length, NullIf
 
+from experiment import adaptation
 from experiment.models import (
     Belief,
     Choice,
@@ -638,11 +642,69 @@ TABLES: list[Table] = [
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 
-def table(name: str) -> Table:
+def _named(tables: dict[str, Any], name: str, what: str) -> Any:
     try:
-        return TABLES_BY_NAME[name]
+        return tables[name]
     except KeyError:
-        raise ExportError(f'No table "{name}" (tables: {", ".join(TABLES_BY_NAME)}).') from None
+        raise ExportError(f'No {what} "{name}" ({what}s: {", ".join(tables)}).') from None
+
+
+def table(name: str) -> Table:
+    return _named(TABLES_BY_NAME, name, "table")
+
+
+# ---- derived tables -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DerivedTable:
+    """A table computed in Python from what other tables hold (e.g. the adaptation metrics), which no single
+    query expresses. It follows the ORM tables in the bundle, the codebook and the manifest; the ORM tables are
+    untouched, and the replay does not compare derived tables (they follow from the ones it compares)."""
+
+    name: str
+    row: str
+    columns: tuple[Resolved, ...]
+    rows: Callable[[Scope], Iterator[tuple]]
+    note: str = ""
+
+
+def _derived(spec: adaptation.DerivedSpec) -> DerivedTable:
+    columns = tuple(Resolved(name=n, type=t, unit=u, meaning=m) for n, t, u, m in spec.columns)
+    return DerivedTable(name=spec.name, row=spec.row, columns=columns,
+                        rows=functools.partial(adaptation.spec_rows, spec), note=spec.note)
+
+
+DERIVED_TABLES: list[DerivedTable] = [_derived(spec) for spec in adaptation.SPECS]
+DERIVED_BY_NAME = {t.name: t for t in DERIVED_TABLES}
+
+
+def derived_table(name: str) -> DerivedTable:
+    return _named(DERIVED_BY_NAME, name, "derived table")
+
+
+def derived_chunks(t: DerivedTable, *, scope: Scope, options: Options, counter: dict[str, int] | None = None,
+                   chunk_size: int = CHUNK_ROWS) -> Iterator[bytes]:
+    """A derived table as UTF-8 bytes, like :func:`encoded_chunks` (header first for CSV; values as Python's
+    str(), so booleans read True / False as in the other tables)."""
+    names = [c.name for c in t.columns]
+    n = 0
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if options.format == "csv":
+        writer.writerow(names)
+        yield buffer.getvalue().encode()
+    dumps = json.JSONEncoder(ensure_ascii=False).encode
+    for batch in _batches(t.rows(scope), chunk_size):
+        n += len(batch)
+        if options.format == "csv":
+            buffer.seek(0)
+            buffer.truncate()
+            writer.writerows(batch)
+            yield buffer.getvalue().encode()
+        else:
+            yield ("\n".join(dumps(dict(zip(names, row, strict=True))) for row in batch) + "\n").encode()
+    if counter is not None:
+        counter[t.name] = n
 
 
 # ---- privacy ------------------------------------------------------------------------------------------
@@ -900,7 +962,7 @@ def replay_id_column(name: str) -> bool:
 
 
 def codebook(*, options: Options | None = None, scope: Scope | None = None, counts: dict[str, int] | None = None,
-             tables: Sequence[Table] = TABLES) -> dict[str, Any]:
+             tables: Sequence[Table] = TABLES, derived: Sequence[DerivedTable] = DERIVED_TABLES) -> dict[str, Any]:
     """The codebook as data: tables, their rows, and every column with type, unit and meaning."""
     options = options or Options(recruitment="include")
     book: dict[str, Any] = {
@@ -942,6 +1004,14 @@ def codebook(*, options: Options | None = None, scope: Scope | None = None, coun
             entry["note"] = t.note
         if counts is not None and t.name in counts:
             entry["rows"] = counts[t.name]
+        book["tables"].append(entry)
+    for d in derived:
+        entry = {"name": d.name, "file": f"{d.name}.{options.format}", "row": d.row,
+                 "columns": [c.as_dict() for c in d.columns]}
+        if d.note:
+            entry["note"] = d.note
+        if counts is not None and d.name in counts:
+            entry["rows"] = counts[d.name]
         book["tables"].append(entry)
     return book
 
@@ -1067,7 +1137,7 @@ class _Manifest:
         self.files[name] = {"sha256": digest.hexdigest(), "bytes": size}
 
     def render(self, counts: dict[str, int], designs: dict[str, str | None]) -> bytes:
-        for t in TABLES:
+        for t in [*TABLES, *DERIVED_TABLES]:
             self.files[f"{t.name}.{self.options.format}"]["rows"] = counts.get(t.name, 0)
         document = {"format": MANIFEST_FORMAT, "scope": self.scope.label, "table_format": self.options.format,
                     "recruitment_ids": self.options.recruitment, "algorithm": "sha256",
@@ -1083,6 +1153,9 @@ def _bundle_files(*, scope: Scope, options: Options, counts: dict[str, int],
     for t in TABLES:
         name = f"{t.name}.{options.format}"
         yield name, manifest.add(name, encoded_chunks(t, scope=scope, options=options, counter=counts))
+    for d in DERIVED_TABLES:
+        name = f"{d.name}.{options.format}"
+        yield name, manifest.add(name, derived_chunks(d, scope=scope, options=options, counter=counts))
     designs = session_designs(scope)
     yield DESIGNS, manifest.add(DESIGNS, [(json.dumps(designs, indent=2, ensure_ascii=False) + "\n").encode()])
     book = codebook(options=options, scope=scope, counts=counts)

@@ -40,6 +40,8 @@ pytestmark = pytest.mark.django_db
 
 P = Participant
 BUNDLE_EXTRAS = {"codebook.md", "codebook.json", "designs.json", "manifest.json"}
+# The tables of the stored rows, then those computed from them (experiment/adaptation.py, tested there).
+ALL_TABLES = [*export.TABLES, *export.DERIVED_TABLES]
 
 
 def s(value: Any) -> str:
@@ -108,7 +110,7 @@ def _llm_calls_record(session: Session) -> list[Any]:
 def test_every_table_equals_the_stored_game(played: Session) -> None:
     calls = _llm_calls_record(played)
     files = bundle(Scope.session(played.pk), Options(recruitment="include"))
-    assert set(files) == {f"{t.name}.csv" for t in export.TABLES} | BUNDLE_EXTRAS
+    assert set(files) == {f"{t.name}.csv" for t in ALL_TABLES} | BUNDLE_EXTRAS
     data = tables(files)
 
     groups = list(played.groups.select_related("condition", "session__experiment"))
@@ -443,11 +445,11 @@ def test_export_command_writes_a_zip_and_loose_files(played: Session, tmp_path: 
     (archive,) = (tmp_path / "zip").iterdir()
     assert archive.name.startswith(f"partnerlab-session-{played.pk}-csv-") and archive.suffix == ".zip"
     with zipfile.ZipFile(archive) as z:
-        assert set(z.namelist()) == {f"{t.name}.csv" for t in export.TABLES} | BUNDLE_EXTRAS
+        assert set(z.namelist()) == {f"{t.name}.csv" for t in ALL_TABLES} | BUNDLE_EXTRAS
         assert not [i for i in _recruitment_ids(played) if i.encode() in z.read("participants.csv")]
     call_command("export", experiment=played.experiment.slug, out=tmp_path / "loose", format="jsonl", unzipped=True,
                  stdout=io.StringIO())
-    assert {p.name for p in (tmp_path / "loose").iterdir()} == {f"{t.name}.jsonl" for t in export.TABLES} | BUNDLE_EXTRAS
+    assert {p.name for p in (tmp_path / "loose").iterdir()} == {f"{t.name}.jsonl" for t in ALL_TABLES} | BUNDLE_EXTRAS
     out = io.StringIO()
     call_command("export", all=True, out=tmp_path / "all", stdout=out)
     assert "choices" in out.getvalue() and f"{2 * 3 * playthrough.ROUNDS:>10} rows" in out.getvalue()
