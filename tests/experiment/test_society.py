@@ -207,6 +207,11 @@ def test_manage_py_society_plays_ai_only_and_the_data_export_and_replay_like_any
     rows = list(export.rows(export.table("choices"), scope=Scope.session(session.pk), options=Options()))
     assert "society" in header and {r[header.index("society")] for r in rows} == {"ai_only"}
     assert len(rows) == 3 * rounds * n_sel
+    # The adaptation metrics sit beside the hybrid ones: every group round, counted over bot selectors.
+    t = export.derived_table("adaptation_groups")
+    names = [c.name for c in t.columns]
+    kinds = {r[names.index("selector_kind")] for r in t.rows(Scope.session(session.pk))}
+    assert "bot" in kinds and "human" not in kinds
     replayed = io.StringIO()
     call_command("replay", str(session.pk), "--check", stdout=replayed)
     assert "identical" in replayed.getvalue()
