@@ -88,6 +88,9 @@ class BotProfileAdmin(admin.ModelAdmin):
         ("Persona", {"fields": ["system_prompt"]}),
         ("Human-like timing", {"fields": ["delay_min", "delay_max", "typing_cps"]}),
         ("Cost", {"fields": ["price_input_per_1k", "price_output_per_1k"]}),
+        ("Limits (shared by all workers)", {"fields": ["max_concurrent", "requests_per_minute", "budget_per_session_usd"],
+                                            "description": "Keep the provider's quota for this key across every worker, "
+                                                           "and cap what one session may spend (docs/deployment.md)."}),
         ("When the model fails", {"fields": ["fallback", "timeout_seconds", "max_retries"]}),
         ("Record", {"fields": ["created_at", "updated_at"]}),
     ]
@@ -164,7 +167,8 @@ class LLMCallAdmin(ReadOnlyAdmin):
 
 @admin.register(BotDecision)
 class BotDecisionAdmin(ReadOnlyAdmin):
-    list_display = ["id", "created_at", "session", "seat", "round_number", "phase", "status", "source", "apply_at", "calls_link"]
+    list_display = ["id", "created_at", "session", "seat", "round_number", "phase", "status", "source", "throttled", "apply_at",
+                    "calls_link"]
     list_filter = ["status", "source", "session", "phase"]
     list_select_related = ["participant", "session__experiment"]
 

@@ -13,6 +13,12 @@ The life of one turn (one LLM seat, one round, one phase), in the order things h
    with the game's own rules. Invalid: one corrective retry, then the profile's fallback. Failed
    request: a retry scheduled after the endpoint's ``Retry-After`` (or exponential backoff) while the
    profile's retries and the phase's time allow, then the fallback.
+   Before each request (:func:`admit`): the session's spend budget for the profile (spent: no call, the phase
+   default), then the profile's limits shared by all workers (``bots.limits``). A turn refused a token or a
+   slot waits in place only briefly (at most :data:`INLINE_WAIT`, once per run), else it runs again when the
+   limiter says (a ``RetryAt``: the Celery task retries itself with that countdown, so no worker sleeps long,
+   and the web process never waits on a model at all); a wait that would end too close to the deadline
+   lets the profile's fallback act instead.
 5. :func:`decide` stores the decision and schedules ``llm_apply`` at the human-like release time
    (profile delay + typing time, never after the deadline). A decision made after the phase closed
    is recorded as ``late`` and not applied.
@@ -34,13 +40,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from django.db import OperationalError, close_old_connections, connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
-from bots import llm, prompts
+from bots import limits, llm, prompts
 from bots.models import BotDecision, BotProfile, LLMCall
 from bots.policy import human_like_delay
 from bots.scripted import ScriptedBot
@@ -60,6 +67,10 @@ MIN_RETRY_ROOM = 1.0  # no retry that would start less than this before the dead
 BACKOFF_BASE, BACKOFF_CAP = 1.0, 20.0
 CLOSED_CODES = {"wrong_phase", "phase_closed", "game_over"}
 SQLITE_LOCK_RETRIES = 40
+# A turn refused by its profile's limits waits in place at most this long, once per run; a longer wait runs the turn
+# again later (a Celery retry with a countdown), so that a worker's thread is not held sleeping.
+INLINE_WAIT = 0.5
+THROTTLE_SPREAD = 0.5  # later runs are spread over up to this fraction more of the wait, so they do not all return at once
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,9 @@ class Plan:
     messages: list[dict[str, str]] = field(default_factory=list)
     response_format: dict[str, Any] | None = None
     problem: str = ""  # why the model cannot be asked at all (no profile, no key): the fallback acts
+    limits: limits.Limits | None = None
+    budget: Decimal | None = None  # US dollars the profile may spend in this session; None: no budget
+    throttled: int = 0  # throttled waits of the turn not yet recorded with a request (LLMCall.throttled)
 
     def rng(self, purpose: str) -> random.Random:
         return game.rng(self.group_seed, purpose, self.seat, self.round_number, self.phase)
@@ -165,6 +179,9 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
             delay=(profile.delay_min, profile.delay_max) if profile else (4.0, 15.0),
             typing_cps=profile.typing_cps if profile else 8.0, max_retries=profile.max_retries if profile else 0,
             human_like=group.society != Society.AI_ONLY,
+            limits=limits.Limits.of(profile) if profile else None,
+            budget=profile.budget_per_session_usd if profile else None,
+            throttled=_unrecorded_waits(decision),
         )
         if profile is None:
             return _with_problem(plan, decision, "This arm has no bot profile any more.")
@@ -181,6 +198,14 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
         decision.lease_until = now + timedelta(seconds=settings.timeout + LEASE_MARGIN)
         decision.save(update_fields=["lease_until"])
         return replace(plan, settings=settings, messages=messages, response_format=settings.response_format(name, schema))
+
+
+def _unrecorded_waits(decision: BotDecision) -> int:
+    """Throttled waits of the turn that no request has been charged with yet (they came before a later run)."""
+    if not decision.throttled:
+        return 0
+    recorded = decision.calls.aggregate(n=Sum("throttled"))["n"] or 0
+    return max(0, decision.throttled - recorded)
 
 
 def _close_abandoned_turns(p: Participant, *, keep: int, now: datetime) -> None:
@@ -209,8 +234,9 @@ def _call_fields(plan: Plan) -> dict[str, Any]:
 
 # ---- 3./4. one attempt ---------------------------------------------------------------------------------
 
-def call_open(plan: Plan, messages: list[dict[str, str]], purpose: str) -> int | None:
-    """Record the request before it is sent (so a worker killed mid-call leaves a trace). None: turn lost."""
+def call_open(plan: Plan, messages: list[dict[str, str]], purpose: str, throttled: int = 0) -> int | None:
+    """Record the request before it is sent (so a worker killed mid-call leaves a trace). None: turn lost.
+    ``throttled``: how often the turn waited for its profile's limits since its previous request."""
     assert plan.settings is not None
     now = timezone.now()
     with transaction.atomic():
@@ -221,7 +247,7 @@ def call_open(plan: Plan, messages: list[dict[str, str]], purpose: str) -> int |
         attempt = LLMCall.objects.filter(decision_id=plan.decision_id).exclude(error_class="MissingKey").count() + 1
         call = LLMCall.objects.create(**_call_fields(plan), attempt=attempt, purpose=purpose, request_messages=messages,
                                       response_format=plan.response_format, model=plan.settings.model,
-                                      parameters=plan.settings.parameters())
+                                      parameters=plan.settings.parameters(), throttled=throttled)
     return call.pk
 
 
@@ -234,6 +260,10 @@ def call_close(plan: Plan, call_id: int, messages: list[dict[str, str]], result:
     call.raw_reply, call.refusal = result.text or "", result.refusal or ""
     call.tokens_in, call.tokens_out, call.cost, call.latency_ms = result.tokens_in, result.tokens_out, cost, result.latency_ms
     call.model_reported, call.http_status, call.finished_at = result.model[:200], result.http_status, now
+    events.monitor_on_commit(plan.session_id, None)  # the cockpit's spend and calls in flight changed
+    if result.retry_after and result.http_status in (429, 503):
+        # The quota (or the server) is the key's, not this seat's: every seat of the profile, on every worker, waits.
+        limits.cool_down(plan.limits, result.retry_after)
     if not result.ok:
         call.status, call.error_class, call.error_message = LLMCall.Status.ERROR, result.error_class, result.error_message
         call.save()
@@ -270,6 +300,56 @@ def backoff(failures: int, rng: random.Random) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (failures - 1)) * rng.uniform(0.8, 1.2)
 
 
+# ---- before each request: budget, then limits ---------------------------------------------------------------
+
+def session_spend(session_id: int, profile_id: int | None) -> Decimal:
+    """What the profile's calls in this session have cost so far (US dollars, from the call log)."""
+    spent = LLMCall.objects.filter(session_id=session_id, profile_id=profile_id).aggregate(s=Sum("cost"))["s"]
+    return spent or Decimal("0")
+
+
+def budget_stop(plan: Plan) -> bool:
+    """When the profile's budget for the session is spent, end the turn without calling the model: the phase
+    default applies (whatever the profile's fallback: a scripted stand-in would be another kind of player), and
+    the reason is logged (event ``bot.fallback``, the decision's outcome). True when the turn ended so.
+
+    Calls already in flight still finish, so the spend can pass the budget by at most those calls' cost
+    (``max_concurrent`` bounds how many there are)."""
+    if plan.budget is None:
+        return False
+    spent = session_spend(plan.session_id, plan.profile_id)
+    if spent < plan.budget:
+        return False
+    fallback(plan, f"budget: the profile has spent ${spent} of its ${plan.budget} budget for this session, "
+                   "so the seat makes no more model calls", policy=BotProfile.Fallback.DEFAULT,
+             budget=True, budget_usd=str(plan.budget), spent_usd=str(spent))
+    return True
+
+
+def throttled(plan: Plan, wait: limits.Wait, *, inline: bool) -> float | RetryAt | None:
+    """The profile's limits refused a request: record the wait, and say how the turn waits. A number: seconds to
+    wait in place (short, and only when ``inline``); a :class:`RetryAt`: run the turn again then; None: no wait
+    fits before the deadline (the fallback acted), or the turn is not ours any more."""
+    now = timezone.now()
+    here = inline and wait.seconds <= INLINE_WAIT
+    seconds = wait.seconds if here else wait.seconds * random.uniform(1, 1 + THROTTLE_SPREAD)
+    at = now + timedelta(seconds=seconds)
+    if at + timedelta(seconds=MIN_RETRY_ROOM) >= plan.deadline:
+        fallback(plan, f"throttled: the profile's limit ({wait.reason}) let no request out before the deadline",
+                 throttled=wait.reason)
+        return None
+    hold = at + timedelta(seconds=(plan.settings.timeout if plan.settings else 0) + LEASE_MARGIN) if here else at
+    with transaction.atomic():
+        # Until the retry runs, the turn stays ours (as after a failed request): a redelivered copy waits too.
+        updated = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(
+            throttled=F("throttled") + 1, lease_until=hold)
+        if updated:
+            events.monitor_on_commit(plan.session_id, None)
+    if not updated:
+        return None
+    return seconds if here else RetryAt(at, f"throttled-{wait.reason}")
+
+
 # ---- 4./5. fallback and decision -----------------------------------------------------------------------
 
 def _event(plan: Plan, type: str, payload: dict[str, Any]) -> None:
@@ -278,16 +358,19 @@ def _event(plan: Plan, type: str, payload: dict[str, Any]) -> None:
     events.monitor_on_commit(plan.session_id, plan.group_id)
 
 
-def fallback(plan: Plan, reason: str) -> None:
-    """The profile's fallback policy: the scripted bot decides, or nothing does and the phase default applies."""
+def fallback(plan: Plan, reason: str, *, policy: str | None = None, **details: Any) -> None:
+    """The profile's fallback policy (or ``policy``): the scripted bot decides, or nothing does and the phase default
+    applies. ``details`` go into the event and the decision's outcome."""
+    policy = policy or plan.fallback
     with transaction.atomic():
-        _event(plan, "bot.fallback", {"policy": plan.fallback, "reason": reason[:500]})
-        if plan.fallback == BotProfile.Fallback.SCRIPTED:
+        _event(plan, "bot.fallback", {"policy": policy, "reason": reason[:500], **details})
+        if policy == BotProfile.Fallback.SCRIPTED:
             actions = ScriptedBot().decide(plan.state, plan.rng("decide"))
             decide(plan, actions, source=BotDecision.Source.SCRIPTED, call_id=None)
             return
         updated = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(
-            status=BotDecision.Status.DEFAULTED, lease_until=None, decided_at=timezone.now(), outcome={"reason": reason[:500]})
+            status=BotDecision.Status.DEFAULTED, lease_until=None, decided_at=timezone.now(),
+            outcome={"reason": reason[:500], **details})
         if not updated:
             transaction.set_rollback(True)
 
@@ -380,21 +463,41 @@ def decide_now(*, participant_id: int, round_number: int, phase: str) -> RetryAt
         return None
     assert plan.settings is not None
     messages, purpose = plan.messages, LLMCall.Purpose.DECIDE
+    waits, waited_here = plan.throttled, False
     while True:
-        call_id = call_open(plan, messages, purpose)
-        if call_id is None:
+        if budget_stop(plan):
             return None
-        # Give the database connection back (to the process's pool) while the model thinks: a thread-pool worker
-        # runs hundreds of turns at once on a pool of a few connections, which would otherwise cap the turns in
-        # flight at the pool's size, each holding its connection idle for the model's latency. (Not inside a
-        # transaction: a caller's, e.g. a test's, would be lost.)
-        if not connection.in_atomic_block:
-            close_old_connections()
-        result = _request(plan.settings, messages, plan.response_format)
+        grant = limits.acquire(plan.limits)
+        if isinstance(grant, limits.Wait):
+            pause = throttled(plan, grant, inline=not waited_here)
+            if pause is None or isinstance(pause, RetryAt):
+                return pause
+            waits, waited_here = waits + 1, True
+            _release_connection()
+            time.sleep(pause)
+            continue
+        try:
+            call_id = call_open(plan, messages, purpose, waits)
+            if call_id is None:
+                return None
+            _release_connection()
+            result = _request(plan.settings, messages, plan.response_format)
+        finally:
+            limits.release(plan.limits, grant)
+        waits = 0
         step = call_close(plan, call_id, messages, result)
         if not isinstance(step, Correct):
             return step
         messages, purpose = step.messages, LLMCall.Purpose.CORRECTION
+
+
+def _release_connection() -> None:
+    """Give the database connection back (to the process's pool) while the turn waits for its model: a thread-pool
+    worker runs hundreds of turns at once on a pool of a few connections, which would otherwise cap the turns in
+    flight at the pool's size, each holding its connection idle for the model's latency. Not inside a transaction:
+    a caller's (a test's) would be lost."""
+    if not connection.in_atomic_block:
+        close_old_connections()
 
 
 def _request(settings: llm.LLMSettings, messages: list[dict[str, Any]],
@@ -438,11 +541,26 @@ async def decide_async(*, participant_id: int, round_number: int, phase: str) ->
         return None
     assert plan.settings is not None
     messages, purpose = plan.messages, LLMCall.Purpose.DECIDE
+    waits, waited_here = plan.throttled, False
     while True:
-        call_id = await db(call_open, plan, messages, purpose)
-        if call_id is None:
+        if await db(budget_stop, plan):
             return None
-        result = await llm.acomplete(plan.settings, messages, plan.response_format)
+        grant = await db(limits.acquire, plan.limits)  # Redis is a blocking client: not on the loop
+        if isinstance(grant, limits.Wait):
+            pause = await db(throttled, plan, grant, inline=not waited_here)
+            if pause is None or isinstance(pause, RetryAt):
+                return pause
+            waits, waited_here = waits + 1, True
+            await asyncio.sleep(pause)
+            continue
+        try:
+            call_id = await db(call_open, plan, messages, purpose, waits)
+            if call_id is None:
+                return None
+            result = await llm.acomplete(plan.settings, messages, plan.response_format)
+        finally:
+            await db(limits.release, plan.limits, grant)
+        waits = 0
         step = await db(call_close, plan, call_id, messages, result)
         if not isinstance(step, Correct):
             return step

@@ -136,6 +136,7 @@ class FakeOpenAI:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.in_flight = 0
+        self.most_in_flight = 0  # the largest number of requests it was answering at once (limits: tests/bots/test_limits.py)
 
     @property
     def base_url(self) -> str:
@@ -149,6 +150,7 @@ class FakeOpenAI:
         with self._lock:
             self._script.clear()
             self.requests.clear()
+            self.most_in_flight = 0
         self.responder = None
 
     def _next_reply(self, request: dict[str, Any]) -> Reply:
@@ -243,6 +245,7 @@ class FakeOpenAI:
         request["_headers"] = {k: v for k, v in headers.items() if k in ("authorization", "api-key")}
         reply = self._next_reply(request)
         self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             await asyncio.sleep(self.latency if reply.latency is None else reply.latency)
         finally:

@@ -90,6 +90,23 @@ class BotProfile(models.Model):
     max_retries = models.PositiveSmallIntegerField(default=2, validators=[MaxValueValidator(10)],
                                                    help_text="Retries after a failed request (timeout, 429, 5xx, connection), "
                                                              "with backoff that respects Retry-After.")
+    # Limits (bots/limits.py, docs/deployment.md): shared by every worker through Redis, so that they hold for the
+    # provider's quota of the key however many workers play this profile's seats.
+    max_concurrent = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1, "Allow at least 1 request at a time, or leave empty "
+                                                                 "for no limit."), MaxValueValidator(100_000)],
+        help_text="Most requests to the model in flight at once, across all workers; empty: no limit.")
+    requests_per_minute = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1, "Allow at least 1 request per minute, or leave empty "
+                                                                 "for no limit."), MaxValueValidator(1_000_000)],
+        help_text="Most requests to the model per minute, across all workers (a token bucket that holds one "
+                  "minute's requests); empty: no limit.")
+    budget_per_session_usd = models.DecimalField(
+        max_digits=10, decimal_places=4, null=True, blank=True,
+        validators=[MinValueValidator(Decimal("0.0001"), "A budget must be more than 0 US dollars, or leave it empty "
+                                                         "for no budget.")],
+        help_text="Most US dollars this profile may spend on model calls in one session; once spent, its seats make "
+                  "no more calls and the phase default applies. Empty: no budget.")
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the profile was created (UTC).")
     updated_at = models.DateTimeField(auto_now=True, help_text="When the profile was last changed (UTC).")
 
@@ -97,6 +114,12 @@ class BotProfile(models.Model):
         ordering = ["name"]
         constraints = [
             models.CheckConstraint(condition=Q(delay_max__gte=models.F("delay_min")), name="botprofile_delay_range"),
+            models.CheckConstraint(condition=Q(max_concurrent__isnull=True) | Q(max_concurrent__gte=1),
+                                   name="botprofile_max_concurrent_positive"),
+            models.CheckConstraint(condition=Q(requests_per_minute__isnull=True) | Q(requests_per_minute__gte=1),
+                                   name="botprofile_requests_per_minute_positive"),
+            models.CheckConstraint(condition=Q(budget_per_session_usd__isnull=True) | Q(budget_per_session_usd__gt=0),
+                                   name="botprofile_budget_positive"),
         ]
 
     def __str__(self) -> str:
@@ -108,6 +131,9 @@ class BotProfile(models.Model):
             problems["delay_max"] = "The longest delay must not be shorter than the shortest delay."
         if self.requires_key and not self.api_key_env:
             problems["api_key_env"] = "Name the environment variable that holds the key, or untick 'requires key'."
+        if (self.budget_per_session_usd is not None and not self.price_input_per_1k and not self.price_output_per_1k):
+            problems["budget_per_session_usd"] = ("A budget needs the profile's prices: with both prices at 0 every call "
+                                                  "costs nothing and the budget would never stop the calls.")
         if problems:
             raise ValidationError(problems)
 
@@ -165,6 +191,9 @@ class BotDecision(models.Model):
     lease_until = models.DateTimeField(null=True, blank=True,
                                        help_text="A worker holds the turn until then; after it, another may take over.")
     apply_at = models.DateTimeField(null=True, blank=True, help_text="When the action is released (human-like delay, UTC).")
+    throttled = models.PositiveIntegerField(default=0, help_text=(
+        "Times the turn had to wait for its profile's limits (requests per minute, requests at once, or a "
+        "Retry-After the endpoint gave another seat) before a request could be sent."))
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the turn was claimed (UTC).")
     decided_at = models.DateTimeField(null=True, blank=True, help_text="When the decision was made (UTC).")
     applied_at = models.DateTimeField(null=True, blank=True, help_text="When the decision was applied or found late (UTC).")
@@ -204,6 +233,9 @@ class LLMCall(models.Model):
     round_number = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Round of the call.")
     phase = models.CharField(max_length=10, blank=True, help_text="Phase of the call.")
     attempt = models.PositiveSmallIntegerField(default=1, help_text="Attempt number within the decision, from 1.")
+    throttled = models.PositiveIntegerField(default=0, help_text=(
+        "Times the turn waited for its profile's limits (requests per minute, requests at once, a Retry-After "
+        "given to another seat) since its previous request, before this request was sent."))
     purpose = models.CharField(max_length=12, choices=Purpose.choices, default=Purpose.DECIDE,
                                help_text="decide, correction (after an invalid answer) or profile_test.")
     request_messages = models.JSONField(default=list, help_text="The exact chat messages sent (system, user, …).")

@@ -60,3 +60,35 @@ def llm_spend(*, session_id: int) -> dict[str, Any]:
     return {"profiles": profiles, "total": total,
             "decisions": {"llm": decisions.get("llm", 0), "scripted": decisions.get("scripted", 0), "defaulted": defaulted},
             "automated_seats": seats}
+
+
+def llm_live(*, session_id: int) -> list[dict[str, Any]]:
+    """What the cockpit shows live per bot profile playing in the session: spend so far against the session
+    budget, calls made, calls in flight (sent, no reply yet), throttled waits (turns that had to wait for the
+    profile's limits) and turns the budget stopped. Profiles of the experiment's arms show before their first call.
+
+    Amounts are strings (US dollars, exact) so that the JSON the monitor receives keeps every digit."""
+    from bots.models import BotProfile
+    from experiment.models import Condition
+
+    calls = {v.pop("profile_id"): v for v in LLMCall.objects.filter(session_id=session_id).values("profile_id").annotate(
+        calls=Count("id"), cost=Sum("cost"), in_flight=Count("id", filter=Q(status=LLMCall.Status.PENDING)))}
+    turns = {v.pop("profile_id"): v for v in BotDecision.objects.filter(session_id=session_id).values("profile_id").annotate(
+        throttled=Sum("throttled"), budget_stops=Count("id", filter=Q(outcome__budget=True)))}
+    armed = set(Condition.objects.filter(experiment__sessions=session_id, bot_profile__isnull=False)
+                .values_list("bot_profile_id", flat=True))
+    ids = (set(calls) | set(turns) | armed) - {None}
+    rows = []
+    for profile in BotProfile.objects.filter(pk__in=ids).order_by("name"):
+        c, t = calls.get(profile.pk, {}), turns.get(profile.pk, {})
+        cost = (c.get("cost") or Decimal("0")).quantize(Decimal("0.000001"))
+        budget = profile.budget_per_session_usd
+        rows.append({
+            "profile_id": profile.pk, "profile": profile.name, "model": profile.model,
+            "calls": c.get("calls", 0), "in_flight": c.get("in_flight", 0), "cost": str(cost),
+            "budget": str(budget) if budget is not None else None,
+            "budget_used": round(float(cost / budget), 4) if budget else None,
+            "throttled": t.get("throttled") or 0, "budget_stops": t.get("budget_stops", 0),
+            "max_concurrent": profile.max_concurrent, "requests_per_minute": profile.requests_per_minute,
+        })
+    return rows

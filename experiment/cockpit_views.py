@@ -100,9 +100,9 @@ def payments(request: HttpRequest, session_id: int) -> HttpResponse:
 def spend(request: HttpRequest, session_id: int) -> HttpResponse:
     session = get_object_or_404(Session.objects.select_related("experiment"), pk=session_id)
     try:
-        from bots.selectors import llm_spend
+        from bots.selectors import llm_live, llm_spend
     except ImportError:  # LLM bots not installed in this build
-        summary = None
+        summary, live = None, []
     else:
-        summary = llm_spend(session_id=session.pk)
-    return render(request, "cockpit/spend.html", {"session": session, "summary": summary})
+        summary, live = llm_spend(session_id=session.pk), llm_live(session_id=session.pk)
+    return render(request, "cockpit/spend.html", {"session": session, "summary": summary, "live": live})

@@ -190,7 +190,9 @@ class ParticipantConsumer(AsyncWebsocketConsumer):
 
 class MonitorConsumer(AsyncWebsocketConsumer):
     """The experimenter's live view of one session. Staff only. Sends ``monitor.state`` on connect, then
-    ``monitor.group`` / ``monitor.session`` whenever something changes (coalesced over a short window)."""
+    ``monitor.group`` / ``monitor.session`` whenever something changes (coalesced over a short window).
+    ``monitor.session`` carries the bot profiles' spend and throttling (``bots``), which each model call's
+    reply and each throttled wait announce."""
 
     COALESCE_SECONDS = 0.25
 
@@ -238,10 +240,10 @@ class MonitorConsumer(AsyncWebsocketConsumer):
 
 def _monitor_updates(session_id: int, dirty: set[int | None]) -> list[dict[str, Any]]:
     from experiment.models import Session
-    from experiment.monitor import group_summary_by_id, lobby_queue, people_by_stage, session_header
+    from experiment.monitor import bots_live, group_summary_by_id, lobby_queue, people_by_stage, session_header
 
     updates: list[dict[str, Any]] = [{"type": "monitor.group", "group": group_summary_by_id(g)} for g in dirty if g]
     session = Session.objects.get(pk=session_id)
     updates.append({"type": "monitor.session", "session": session_header(session), "lobby": lobby_queue(session),
-                    "people": people_by_stage(session)})
+                    "people": people_by_stage(session), "bots": bots_live(session_id)})
     return updates

@@ -571,6 +571,7 @@ LLM_COLUMNS: list[tuple[str, str, str, str]] = [
     ("phase", "phase", "string", "Phase of the call."),
     ("decision_id", "decision_id", "integer", "The bot's turn (decision) this call belongs to."),
     ("attempt", "attempt", "integer", "Attempt number within the decision, from 1."),
+    ("throttled", "throttled", "integer", "Times the turn waited for its profile's limits before this request."),
     ("purpose", "purpose", "string", "Why the call was made."),
     ("profile", "profile__name", "string", "Bot profile used."),
     ("model", "model", "string", "Model requested."),

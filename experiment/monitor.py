@@ -75,6 +75,7 @@ def session_overview(session_id: int) -> dict[str, Any]:
         "type": "monitor.state", "server_time": timezone.now().isoformat(),
         "session": session_header(session),
         "lobby": lobby_queue(session),
+        "bots": bots_live(session.pk),
         "groups": [group_summary(g, list(g.participants.all())) for g in groups],
         "totals": {
             "people": sum(by_stage.values()),
@@ -84,6 +85,16 @@ def session_overview(session_id: int) -> dict[str, Any]:
             "points": sum(p.payoff for g in groups for p in g.participants.all() if p.kind == P.Kind.HUMAN),
         },
     }
+
+
+def bots_live(session_id: int) -> list[dict[str, Any]]:
+    """Per bot profile: spend against budget, calls, calls in flight, throttled waits (``bots.selectors.llm_live``).
+    Empty in a build without the LLM bots."""
+    try:
+        from bots.selectors import llm_live
+    except ImportError:
+        return []
+    return llm_live(session_id=session_id)
 
 
 def session_header(session: Session) -> dict[str, Any]:

@@ -126,6 +126,12 @@ PARTNERLAB_PRESENCE_STALE_SECONDS = float(env_str("PARTNERLAB_PRESENCE_STALE_SEC
 PARTNERLAB_REARM_AFTER_SECONDS = float(env_str("PARTNERLAB_REARM_AFTER_SECONDS", "5"))
 PARTNERLAB_REARM_EVERY_SECONDS = float(env_str("PARTNERLAB_REARM_EVERY_SECONDS", "5"))
 
+# Where the bot profiles' limits (requests per minute, requests at once) are counted for all workers together
+# (bots/limits.py). Empty on the embedded default: its one process counts them in memory.
+PARTNERLAB_LIMITS_REDIS_URL = env_str("PARTNERLAB_LIMITS_REDIS_URL", "")
+# The prefix of every key this deployment writes to Redis; production derives its own (config/isolation.py).
+PARTNERLAB_CHANNEL_PREFIX = "partnerlab-local"
+
 CELERY_TASK_ACKS_LATE = True
 # Workers keep their database connections between tasks (config/celery.py hands them back as Django does after
 # a request: to the pool in production, or when unusable or older than CONN_MAX_AGE). Celery's own fix-up would close them every N*2 task

@@ -59,6 +59,9 @@ CHANNEL_LAYERS = {
 }
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = None
+# The bot profiles' rate and concurrency limits are counted here, shared by every worker (bots/limits.py), under
+# PARTNERLAB_CHANNEL_PREFIX like every other key of this deployment.
+PARTNERLAB_LIMITS_REDIS_URL = env_str("PARTNERLAB_LIMITS_REDIS_URL", REDIS_URL)
 # kombu's Redis transport with a guard against a worker exit when Redis drops during a task (config/broker.py).
 # Only for redis:// URLs: naming a transport class would skip kombu's own handling of rediss:// (TLS).
 if REDIS_URL.startswith("redis://"):

@@ -53,14 +53,16 @@ if _mode == "require" and not (_pg and _redis):
 PRODUCTION_SERVICES = _pg and _redis
 if PRODUCTION_SERVICES:
     DATABASES = {"default": dj_database_url.parse(TEST_DATABASE_URL)}
+    # A fresh prefix per run: no leftovers from an earlier run (or keys of a run in parallel) can reach this one.
+    PARTNERLAB_CHANNEL_PREFIX = f"plt-{uuid.uuid4().hex[:8]}"
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",  # as in production
-            # A fresh prefix per run: no leftovers from an earlier run can reach this one.
-            "CONFIG": {"hosts": [{"address": TEST_REDIS_URL, "socket_timeout": 15}], "prefix": f"plt-{uuid.uuid4().hex[:8]}"},
+            "CONFIG": {"hosts": [{"address": TEST_REDIS_URL, "socket_timeout": 15}], "prefix": PARTNERLAB_CHANNEL_PREFIX},
         }
     }
     CELERY_BROKER_URL = TEST_REDIS_URL
+    PARTNERLAB_LIMITS_REDIS_URL = TEST_REDIS_URL  # the bots' limits are counted in Redis, as in production
 elif _mode == "auto":
     print(
         "\n*** PostgreSQL/Redis not reachable: running on the embedded default (SQLite, in-memory layer);"

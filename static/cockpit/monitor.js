@@ -127,6 +127,20 @@
     if (!lobby.length) box.appendChild(el("span", {class: "muted"}, ["Nobody is waiting."]));
   }
 
+  // Per bot profile: spend against the session budget, calls, calls in flight, throttled waits (bots.selectors.llm_live).
+  function renderBots(rows) {
+    if (!rows) return;
+    document.getElementById("bots").hidden = !rows.length;
+    var body = document.getElementById("bots-rows");
+    body.replaceChildren.apply(body, rows.map(function (r) {
+      var spent = r.cost + (r.budget ? " / " + r.budget + " (" + Math.round(r.budget_used * 100) + " %)" : "");
+      return el("tr", {class: r.budget_stops ? "over-budget" : ""}, [
+        el("td", {}, [r.profile]), el("td", {class: "num"}, [spent]), el("td", {class: "num"}, [r.calls]),
+        el("td", {class: "num"}, [r.in_flight]), el("td", {class: "num"}, [r.throttled]), el("td", {class: "num"}, [r.budget_stops])
+      ]);
+    }));
+  }
+
   function renderSession(session) {
     var end = document.getElementById("end-session");
     end.disabled = session.ended;
@@ -140,7 +154,7 @@
       people = msg.totals.by_status || {};
       groups = {};
       msg.groups.forEach(function (g) { groups[g.id] = g; });
-      renderGroups(); renderLobby(msg.lobby); renderSession(msg.session);
+      renderGroups(); renderLobby(msg.lobby); renderSession(msg.session); renderBots(msg.bots);
     } else if (msg.type === "monitor.group") {
       var before = groups[msg.group.id];
       if (before && (before.round !== msg.group.round || before.status !== msg.group.status)) chartStale();
@@ -149,7 +163,7 @@
       if (old) { old.replaceWith(groupCard(msg.group)); renderTotals(); } else renderGroups();
     } else if (msg.type === "monitor.session") {
       people = msg.people || people;
-      renderLobby(msg.lobby); renderSession(msg.session); renderTotals();
+      renderLobby(msg.lobby); renderSession(msg.session); renderTotals(); renderBots(msg.bots);
     }
   }
 

@@ -570,7 +570,7 @@ def test_a_claim_whose_retry_never_came_is_handed_out_once_its_lease_runs_out(fa
     bot = seat_of(group, kind="bot")
     runner.clear()
     opened_ago(group, 6)
-    fake.script(Reply.error(429, retry_after=2))
+    fake.script(Reply.error(429, retry_after=1))
     step = decisions.decide_now(participant_id=bot.pk, round_number=1, phase="pitch")
     assert isinstance(step, RetryAt)  # in Celery, the task's retry; here it is never published
     assert automation.rearm(timezone.now(), force=True) == 0  # the turn is still leased to its retry
@@ -578,6 +578,7 @@ def test_a_claim_whose_retry_never_came_is_handed_out_once_its_lease_runs_out(fa
     assert automation.rearm(timezone.now(), force=True) == 1
     assert queued("llm_decide") == [{"participant_id": bot.pk, "round_number": 1, "phase": "pitch"}]
     runner.clear()
+    time.sleep(max(0.0, (step.at - timezone.now()).total_seconds()) + 0.05)  # the key's Retry-After holds for every seat
     d = turn(bot)
     assert (d.status, d.source) == (BotDecision.Status.APPLIED, BotDecision.Source.LLM)
     assert [(c.status, c.http_status) for c in calls(bot)] == [("error", 429), ("ok", None)]

@@ -100,7 +100,7 @@ def _llm_calls_record(session: Session) -> list[Any]:
                                raw_reply='{"text": "hello"}', parsed={"text": "hello"}, tokens_in=120, tokens_out=9,
                                latency_ms=850, cost=Decimal("0.000123"), status="ok", applied=True,
                                parameters={"temperature": 1.0}, finished_at=timezone.now()),
-        LLMCall.objects.create(**common, round_number=1, phase="return", attempt=2, http_status=429,
+        LLMCall.objects.create(**common, round_number=1, phase="return", attempt=2, throttled=2, http_status=429,
                                error_class="RateLimitError", error_message="slow down", status="error"),
     ]
     LLMCall.objects.create(model="gpt-test", purpose="profile_test", profile=profile, status="ok")  # no session
@@ -255,7 +255,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
         g = c.group
         assert rows[s(c.pk)] == {
             **_group_part(g), "llm_call_id": s(c.pk), "participant_id": s(c.participant_id), "seat": c.participant.seat,
-            "round": s(c.round_number), "phase": c.phase, "decision_id": "", "attempt": s(c.attempt), "purpose": c.purpose,
+            "round": s(c.round_number), "phase": c.phase, "decision_id": "", "attempt": s(c.attempt), "throttled": s(c.throttled),
+            "purpose": c.purpose,
             "profile": "test profile", "model": c.model, "model_reported": c.model_reported,
             "parameters": json.dumps(c.parameters), "request_messages": json.dumps(c.request_messages),
             "response_format": "", "raw_reply": c.raw_reply, "refusal": "",
