@@ -47,7 +47,6 @@ import os
 import random
 import re
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -61,7 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import HOST, Proc, _drop_database, _port_free, _recreate_database, run_step  # noqa: E402
+from bench.load import HOST, Proc, _port_free, _recreate_database, close_run, run_step  # noqa: E402
 
 FAULT_KINDS = ("timeout", "rate_limit", "server_error", "malformed", "rule_breaking", "refusal")
 # What the LLM call log must say about each kind (LLMCall.error_class).
@@ -357,20 +356,8 @@ def main(argv: Iterable[str] | None = None) -> int:
         report["aborted"] = str(exc) or "interrupted"
     finally:
         stack.stop()
-        if fake is not None:
-            fake.stop()
-        with contextlib.suppress(Exception):
-            from django.db import connections
-
-            connections.close_all()
-        with contextlib.suppress(Exception):
-            _drop_database(args.postgres, args.database)
-        report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        report["total_s"] = round(time.monotonic() - started, 1)
-        if args.keep_logs or code != 0:
-            report["logs"] = str(work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        close_run(report, started=started, work=work, keep_logs=args.keep_logs, code=code, postgres=args.postgres,
+                  database=args.database, fake=fake)
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report))
     return code
 

@@ -536,6 +536,26 @@ def _drop_database(server: str, name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def close_run(report: dict[str, Any], *, started: float, work: Path, keep_logs: bool, code: int, postgres: str,
+              database: str, fake: Any = None) -> None:
+    """The end of a benchmark that ran its own stack (after its processes stopped): stop the fake model, drop the
+    database, note the load average and the time, keep the logs when asked or when the run failed."""
+    if fake is not None:
+        fake.stop()
+    with contextlib.suppress(Exception):
+        from django.db import connections
+
+        connections.close_all()
+    with contextlib.suppress(Exception):
+        _drop_database(postgres, database)
+    report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    report["total_s"] = round(time.monotonic() - started, 1)
+    if keep_logs or code != 0:
+        report["logs"] = str(work)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _flush_redis(url: str) -> None:
     import redis
 

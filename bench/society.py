@@ -34,7 +34,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 import time
@@ -49,9 +48,9 @@ from bench.load import (  # noqa: E402
     HOST,
     CpuMeter,
     Proc,
-    _drop_database,
     _port_free,
     _recreate_database,
+    close_run,
     machine,
     run_step,
 )
@@ -298,20 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for p in reversed(procs):
             p.stop()
-        if fake is not None:
-            fake.stop()
-        with contextlib.suppress(Exception):
-            from django.db import connections
-
-            connections.close_all()
-        with contextlib.suppress(Exception):
-            _drop_database(args.postgres, args.database)
-        report["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-        report["total_s"] = round(time.monotonic() - started, 1)
-        if args.keep_logs or code != 0:
-            report["logs"] = str(work)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+        close_run(report, started=started, work=work, keep_logs=args.keep_logs, code=code, postgres=args.postgres,
+                  database=args.database, fake=fake)
     print(json.dumps(report, indent=2, default=str) if args.json else _text(report))
     return code
 

@@ -228,15 +228,17 @@ def lobby_match(session: Session, *, now: datetime, changed: bool = True) -> dic
 
     experiment = session.experiment
     params = experiment.params()
-    conditions = _lobby_conditions(session)
     waiting = list(session.participants.filter(status=P.Status.LOBBY, controller=P.Controller.PERSON)
                    .order_by("lobby_at", "id"))
+    fill_after = session.synthetic_fill_after
+    fill_due = bool(waiting) and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after)
+    # The arms are read only when a group may form: the sweep calls this every second for every waiting lobby.
+    conditions = _lobby_conditions(session) if len(waiting) >= params.n_humans or fill_due else []
     formed = []
     while conditions and len(waiting) >= params.n_humans:
         formed.append(_group_form(session, waiting[: params.n_humans], params, now, conditions=conditions))
         waiting = waiting[params.n_humans:]
-    fill_after = session.synthetic_fill_after
-    if conditions and waiting and fill_after is not None and now - waiting[0].lobby_at >= timedelta(seconds=fill_after):
+    if conditions and waiting and fill_due:
         formed.append(_group_form(session, waiting, params, now, conditions=conditions))
         waiting = []
     states = lobby_states(session, waiting) if formed or changed else {}
