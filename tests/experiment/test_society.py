@@ -214,7 +214,10 @@ def test_manage_py_society_plays_ai_only_and_the_data_export_and_replay_like_any
     kinds = {r[names.index("selector_kind")] for r in t.rows(Scope.session(session.pk))}
     assert "bot" in kinds and "human" not in kinds
     replayed = io.StringIO()
-    call_command("replay", str(session.pk), "--check", stdout=replayed)
+    try:
+        call_command("replay", str(session.pk), "--check", stdout=replayed)
+    except CommandError:
+        raise AssertionError(replayed.getvalue()) from None
     assert "identical" in replayed.getvalue()
 
 
