@@ -74,7 +74,7 @@ def profile_test(profile: BotProfile) -> dict[str, Any]:
 
 @admin.register(BotProfile)
 class BotProfileAdmin(admin.ModelAdmin):
-    list_display = ["name", "model", "base_url", "readiness", "fallback", "updated_at"]
+    list_display = ["name", "model", "base_url", "readiness", "memory", "fallback", "updated_at"]
     search_fields = ["name", "model", "base_url"]
     readonly_fields = ["readiness", "created_at", "updated_at"]
     actions = ["test_profiles"]
@@ -86,6 +86,9 @@ class BotProfileAdmin(admin.ModelAdmin):
                                      "in the web process and the workers; it is never stored. See docs/bots.md."}),
         ("Sampling", {"fields": ["temperature", "top_p", "seed", "max_tokens"]}),
         ("Persona", {"fields": ["system_prompt"]}),
+        ("Memory arm", {"fields": ["memory", "memory_rounds"],
+                        "description": "What of the earlier rounds the model sees: nothing, its own past rounds, or the "
+                                       "group's whole history; at most the latest memory_rounds rounds (docs/bots.md)."}),
         ("Human-like timing", {"fields": ["delay_min", "delay_max", "typing_cps"]}),
         ("Cost", {"fields": ["price_input_per_1k", "price_output_per_1k"]}),
         ("Limits (shared by all workers)", {"fields": ["max_concurrent", "requests_per_minute", "budget_per_session_usd"],
@@ -167,8 +170,8 @@ class LLMCallAdmin(ReadOnlyAdmin):
 
 @admin.register(BotDecision)
 class BotDecisionAdmin(ReadOnlyAdmin):
-    list_display = ["id", "created_at", "session", "seat", "round_number", "phase", "status", "source", "throttled", "apply_at",
-                    "calls_link"]
+    list_display = ["id", "created_at", "session", "seat", "round_number", "phase", "status", "source", "memory", "throttled",
+                    "apply_at", "calls_link"]
     list_filter = ["status", "source", "session", "phase"]
     list_select_related = ["participant", "session__experiment"]
 

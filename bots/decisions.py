@@ -51,7 +51,7 @@ from bots import limits, llm, prompts
 from bots.models import BotDecision, BotProfile, LLMCall
 from bots.policy import human_like_delay
 from bots.scripted import ScriptedBot
-from bots.selectors import candidate_history
+from bots.selectors import candidate_history, group_history
 from experiment import events, game
 from experiment.game import RuleError
 from experiment.models import Event, Group, Participant, Society
@@ -191,12 +191,17 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
             LLMCall.objects.create(**_call_fields(plan), model=profile.model, status=LLMCall.Status.ERROR,
                                    error_class="MissingKey", error_message=str(exc), finished_at=now)
             return _with_problem(plan, decision, str(exc))
-        history = candidate_history(participant_id=p.pk, before_round=round_number) if p.role == P.Role.CANDIDATE else []
+        memory, window = profile.memory, profile.memory_rounds
+        history = (candidate_history(participant_id=p.pk, before_round=round_number, rounds=window)
+                   if p.role == P.Role.CANDIDATE and memory != BotProfile.Memory.NONE else [])
+        shared = (group_history(group_id=group.pk, before_round=round_number, rounds=window)
+                  if memory == BotProfile.Memory.GROUP else None)
         messages = prompts.messages_for(persona=profile.system_prompt, instructions=p.session.experiment.instructions_text,
-                                        state=state, history=history, now=now)
+                                        state=state, history=history, now=now, memory=memory, group_history=shared)
         name, schema = prompts.schema_for(state)
         decision.lease_until = now + timedelta(seconds=settings.timeout + LEASE_MARGIN)
-        decision.save(update_fields=["lease_until"])
+        decision.memory, decision.memory_rounds = memory, window
+        decision.save(update_fields=["lease_until", "memory", "memory_rounds"])
         return replace(plan, settings=settings, messages=messages, response_format=settings.response_format(name, schema))
 
 

@@ -46,6 +46,12 @@ class BotProfile(models.Model):
         MAX_COMPLETION_TOKENS = "max_completion_tokens", "max_completion_tokens (OpenAI, Azure, vLLM)"
         MAX_TOKENS = "max_tokens", "max_tokens (older endpoints, Ollama)"
 
+    class Memory(models.TextChoices):
+        """What of the earlier rounds the model sees in its prompt (docs/bots.md, "Memory arms")."""
+        NONE = "none", "None: only the current round"
+        OWN = "own", "Own: its own past rounds, as a person in its seat sees them"
+        GROUP = "group", "Group: its own past rounds and the group's whole history (pitches, who chose whom, amounts)"
+
     name = models.CharField(max_length=100, unique=True, help_text="Name of the profile, e.g. 'gpt-4o-mini prosocial'.")
     base_url = models.CharField(max_length=500, default="https://api.openai.com/v1", validators=[endpoint_url],
                                 help_text="OpenAI-compatible endpoint (OpenAI, Azure OpenAI v1, vLLM, Ollama …).")
@@ -107,6 +113,11 @@ class BotProfile(models.Model):
                                                          "for no budget.")],
         help_text="Most US dollars this profile may spend on model calls in one session; once spent, its seats make "
                   "no more calls and the phase default applies. Empty: no budget.")
+    memory = models.CharField(max_length=5, choices=Memory.choices, default=Memory.OWN,
+                              help_text="Memory arm: what of the earlier rounds the model sees in its prompt.")
+    memory_rounds = models.PositiveSmallIntegerField(
+        default=10, validators=[MinValueValidator(1), MaxValueValidator(200)],
+        help_text="Most earlier rounds the prompt shows (the latest ones), so that a long game's prompt stays bounded.")
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the profile was created (UTC).")
     updated_at = models.DateTimeField(auto_now=True, help_text="When the profile was last changed (UTC).")
 
@@ -194,6 +205,11 @@ class BotDecision(models.Model):
     throttled = models.PositiveIntegerField(default=0, help_text=(
         "Times the turn had to wait for its profile's limits (requests per minute, requests at once, or a "
         "Retry-After the endpoint gave another seat) before a request could be sent."))
+    memory = models.CharField(max_length=5, blank=True, help_text=(
+        "Memory arm the prompt of this turn was built with (none, own, group), copied from the profile when the turn "
+        "was claimed; empty for a turn the model was never asked about."))
+    memory_rounds = models.PositiveSmallIntegerField(null=True, blank=True, help_text=(
+        "Most earlier rounds that prompt showed, copied from the profile with the memory arm."))
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the turn was claimed (UTC).")
     decided_at = models.DateTimeField(null=True, blank=True, help_text="When the decision was made (UTC).")
     applied_at = models.DateTimeField(null=True, blank=True, help_text="When the decision was applied or found late (UTC).")

@@ -1,7 +1,9 @@
 """What a language model sees and how its answer is read. Pure functions: no database, no network.
 
-The model sees exactly what a human in its seat sees (``experiment.selectors.seat_state`` plus the
-seat's own past rounds, which a person would remember), rendered as text.
+The model sees what a human in its seat sees (``experiment.selectors.seat_state`` plus the seat's own past
+rounds, which a person would remember), rendered as text. The profile's memory arm changes only the past:
+``none`` shows none of it, ``own`` (the default) the seat's own, ``group`` adds the group's whole history;
+both kinds of history are cut to the profile's latest ``memory_rounds`` rounds by the caller.
 
 Prompt-injection boundary: the system prompt holds only text written by the platform and the
 experimenter. Anything typed by participants (pitches) reaches the model only inside the user
@@ -100,8 +102,25 @@ def seconds_left(state: dict[str, Any], now: datetime) -> int | None:
     return max(0, int((datetime.fromisoformat(deadline) - now).total_seconds()))
 
 
-def game_data(state: dict[str, Any], history: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
-    """The seat's view as plain data, with the names a person sees on the page."""
+MEMORY_ARMS = ("none", "own", "group")
+
+
+def game_data(state: dict[str, Any], history: list[dict[str, Any]], now: datetime, *, memory: str = "own",
+              group_history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The seat's view as plain data, with the names a person sees on the page.
+
+    ``memory`` is the profile's arm: ``none`` drops every trace of earlier rounds (a selector's history with
+    each candidate, a candidate's past rounds), ``group`` adds ``group_history`` (earlier rounds of the whole
+    group, oldest first) after the seat's own view."""
+    if memory not in MEMORY_ARMS:
+        raise ValueError(f"unknown memory arm {memory!r}")
+    data = _seat_data(state, history, now, remember=memory != "none")
+    if memory == "group":
+        data["group_history"] = group_history or []
+    return data
+
+
+def _seat_data(state: dict[str, Any], history: list[dict[str, Any]], now: datetime, *, remember: bool) -> dict[str, Any]:
     g, experiment, me = state["game"], state["experiment"], state["me"]
     phase = g["phase"]
     data: dict[str, Any] = {
@@ -111,11 +130,12 @@ def game_data(state: dict[str, Any], history: list[dict[str, Any]], now: datetim
     if me["role"] == "selector":
         data["endowment"] = experiment["endowment"]
         data["multiplier"] = experiment["multiplier"]
-        data["candidates"] = [_selector_card(c) for c in g.get("candidates", [])]
+        data["candidates"] = [_selector_card(c, remember) for c in g.get("candidates", [])]
         if g.get("feedback"):
             data["this_round"] = g["feedback"]
         return data
-    data["your_past_rounds"] = history
+    if remember:
+        data["your_past_rounds"] = history
     if phase == "pitch":
         data["message_max_chars"] = experiment["message_max_chars"]
     else:
@@ -130,18 +150,21 @@ def game_data(state: dict[str, Any], history: list[dict[str, Any]], now: datetim
     return data
 
 
-def _selector_card(c: dict[str, Any]) -> dict[str, Any]:
+def _selector_card(c: dict[str, Any], remember: bool) -> dict[str, Any]:
     card: dict[str, Any] = {"candidate": c["seat"], "name": c["name"]}
     if c.get("label"):
         card["label"] = c["label"]
     card["message"] = c.get("message") or ""
+    if not remember:
+        return card
     h = c.get("history") or {}
     card["your_history_with_them"] = {"rounds_you_chose_them": h.get("rounds", []), "you_sent": h.get("sent", 0),
                                       "they_returned": h.get("returned", 0)}
     return card
 
 
-def user_prompt(state: dict[str, Any], history: list[dict[str, Any]], now: datetime) -> str:
+def user_prompt(state: dict[str, Any], history: list[dict[str, Any]], now: datetime, *, memory: str = "own",
+                group_history: list[dict[str, Any]] | None = None) -> str:
     g, experiment = state["game"], state["experiment"]
     phase = g["phase"]
     fixed = experiment["fixed_send"]
@@ -150,14 +173,15 @@ def user_prompt(state: dict[str, Any], history: list[dict[str, Any]], now: datet
                                send_rule=f"in this game you always send all {experiment['endowment']}" if fixed
                                else f"any whole number from 0 to {experiment['endowment']}")
     return (f"Round {g['round']} of {g['rounds']}, {phase} phase.\n{task}\n\n"
-            f"{data_block(game_data(state, history, now))}\n\n"
+            f"{data_block(game_data(state, history, now, memory=memory, group_history=group_history))}\n\n"
             f"Answer with JSON only, shaped like: {ANSWER_SHAPES[phase]}")
 
 
 def messages_for(*, persona: str, instructions: str, state: dict[str, Any], history: list[dict[str, Any]],
-                 now: datetime) -> list[dict[str, str]]:
+                 now: datetime, memory: str = "own", group_history: list[dict[str, Any]] | None = None
+                 ) -> list[dict[str, str]]:
     return [{"role": "system", "content": system_prompt(persona=persona, instructions=instructions, state=state)},
-            {"role": "user", "content": user_prompt(state, history, now)}]
+            {"role": "user", "content": user_prompt(state, history, now, memory=memory, group_history=group_history)}]
 
 
 def correction(reason: str) -> str:

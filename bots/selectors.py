@@ -1,4 +1,5 @@
-"""Reads for the bots app: a seat's own past rounds (what its player has seen), and LLM spend."""
+"""Reads for the bots app: a seat's own past rounds (what its player has seen), the group's history (the
+``group`` memory arm), and LLM spend."""
 
 from __future__ import annotations
 
@@ -12,23 +13,61 @@ from bots.models import BotDecision, LLMCall
 from experiment.models import Choice, Message, Participant, RoundPayoff
 
 
-def candidate_history(*, participant_id: int, before_round: int) -> list[dict[str, Any]]:
-    """A candidate's earlier rounds as its player saw them in the return and feedback phases.
+def _window(before_round: int, rounds: int | None) -> dict[str, int]:
+    """Round filters for the earlier rounds a prompt shows: all before ``before_round``, or the latest ``rounds``."""
+    bounds = {"round_number__lt": before_round}
+    if rounds is not None:
+        bounds["round_number__gte"] = before_round - rounds
+    return bounds
+
+
+def candidate_history(*, participant_id: int, before_round: int, rounds: int | None = None) -> list[dict[str, Any]]:
+    """A candidate's earlier rounds (the latest ``rounds`` of them, or all) as its player saw them in the return and
+    feedback phases.
 
     Selectors need nothing extra: their per-candidate history is already in ``seat_state``.
     """
-    messages = dict(Message.objects.filter(candidate_id=participant_id, round_number__lt=before_round)
-                    .values_list("round_number", "text"))
-    points = dict(RoundPayoff.objects.filter(participant_id=participant_id, round_number__lt=before_round)
+    window = _window(before_round, rounds)
+    messages = dict(Message.objects.filter(candidate_id=participant_id, **window).values_list("round_number", "text"))
+    points = dict(RoundPayoff.objects.filter(participant_id=participant_id, **window)
                   .values_list("round_number", "points"))
     chosen: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for c in (Choice.objects.filter(candidate_id=participant_id, round_number__lt=before_round)
+    for c in (Choice.objects.filter(candidate_id=participant_id, **window)
               .select_related("selector", "return_decision").order_by("round_number", "selector__seat")):
         returned = getattr(c, "return_decision", None)
         chosen[c.round_number].append({"selector": c.selector.public_name, "sent": c.sent, "you_received": c.multiplied,
                                        "you_returned": returned.returned if returned else 0})
     return [{"round": r, "your_message": messages.get(r, ""), "chosen_by": chosen.get(r, []), "you_earned": points.get(r, 0)}
             for r in sorted(set(messages) | set(points) | set(chosen))]
+
+
+def _name(role: str, seat: str) -> str:
+    return Participant(role=role, seat=seat).public_name
+
+
+def group_history(*, group_id: int, before_round: int, rounds: int) -> list[dict[str, Any]]:
+    """The group's latest ``rounds`` earlier rounds, oldest first, for a bot whose memory arm is ``group``.
+
+    Each round: every candidate's pitch, and every selector's choice (``chose`` is null for a selector who
+    chose nobody), the points sent and the points returned (null when nothing came back to decide). Names
+    are the public ones the game shows; no identity labels, so that the arm adds history, not labels.
+    """
+    window = _window(before_round, rounds)
+    by_round: dict[int, dict[str, Any]] = {}
+
+    def entry(r: int) -> dict[str, Any]:
+        return by_round.setdefault(r, {"round": r, "messages": [], "choices": []})
+
+    for r, seat, text in (Message.objects.filter(group_id=group_id, **window)
+                          .order_by("round_number", "candidate__seat").values_list("round_number", "candidate__seat", "text")):
+        entry(r)["messages"].append({"candidate": _name(Participant.Role.CANDIDATE, seat), "message": text})
+    for r, selector, candidate, sent, returned in (
+            Choice.objects.filter(group_id=group_id, **window).order_by("round_number", "selector__seat")
+            .values_list("round_number", "selector__seat", "candidate__seat", "sent", "return_decision__returned")):
+        entry(r)["choices"].append({"selector": _name(Participant.Role.SELECTOR, selector),
+                                    "chose": _name(Participant.Role.CANDIDATE, candidate) if candidate else None,
+                                    "sent": sent, "returned": returned})
+    return [by_round[r] for r in sorted(by_round)]
 
 
 def llm_spend(*, session_id: int) -> dict[str, Any]:

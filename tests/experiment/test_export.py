@@ -86,7 +86,7 @@ def _settled(participant_id: int, round_number: int) -> bool:
 
 def _llm_calls_record(session: Session) -> list[Any]:
     """LLM calls as the bot backend stores them (the scripted backend played these games, so none were made)."""
-    from bots.models import BotProfile, LLMCall
+    from bots.models import BotDecision, BotProfile, LLMCall
 
     profile = BotProfile.objects.create(name="test profile", model="gpt-test", requires_key=False)
     bot = session.participants.filter(kind="bot").select_related("group__condition").first()
@@ -95,8 +95,11 @@ def _llm_calls_record(session: Session) -> list[Any]:
     bot.group.condition.save(update_fields=["bot_profile"])
     Participant.objects.filter(pk=bot.pk).update(controller=P.Controller.LLM)
     common = {"participant": bot, "group": bot.group, "session": session, "profile": profile, "model": "gpt-test"}
+    turn = BotDecision.objects.create(participant=bot, group=bot.group, session=session, profile=profile, round_number=1,
+                                      phase="pitch", memory="group", memory_rounds=3)
     calls = [
-        LLMCall.objects.create(**common, round_number=1, phase="pitch", request_messages=[{"role": "user", "content": "Hi, \"you\""}],
+        LLMCall.objects.create(**common, decision=turn, round_number=1, phase="pitch",
+                               request_messages=[{"role": "user", "content": "Hi, \"you\""}],
                                raw_reply='{"text": "hello"}', parsed={"text": "hello"}, tokens_in=120, tokens_out=9,
                                latency_ms=850, cost=Decimal("0.000123"), status="ok", applied=True,
                                parameters={"temperature": 1.0}, finished_at=timezone.now()),
@@ -130,7 +133,8 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
                     "participant_id": s(p.pk), "seat": p.seat,
                     "role": p.role, "kind": p.kind, "is_bot": s(p.kind == "bot"), "controller": p.controller,
                     "bot_profile": profile.name if profile else "", "bot_model": profile.model if profile else "",
-                    "status": p.status, "prolific_pid": p.prolific_pid, "study_id": p.study_id,
+                    "bot_memory": profile.memory if profile else "", "status": p.status,
+                    "prolific_pid": p.prolific_pid, "study_id": p.study_id,
                     "recruitment_session_id": p.recruitment_session_id, "quiz_attempts": s(p.quiz_attempts),
                     "payoff": s(p.payoff), "bonus": s(services.bonus_of(p)), "currency": played.experiment.currency,
                     "joined_at": s(p.joined_at), "lobby_at": s(p.lobby_at), "finished_at": s(p.finished_at)}
@@ -251,13 +255,15 @@ def test_every_table_equals_the_stored_game(played: Session) -> None:
     # llm_calls: every call of the session, none from elsewhere (the admin's profile test has no session)
     rows = by(data["llm_calls"], "llm_call_id")
     assert set(rows) == {s(c.pk) for c in calls}
-    for c in type(calls[0]).objects.filter(pk__in=[c.pk for c in calls]).select_related("group__condition", "participant"):
+    for c in type(calls[0]).objects.filter(pk__in=[c.pk for c in calls]).select_related("group__condition", "participant",
+                                                                                       "decision"):
         g = c.group
         assert rows[s(c.pk)] == {
             **_group_part(g), "llm_call_id": s(c.pk), "participant_id": s(c.participant_id), "seat": c.participant.seat,
-            "round": s(c.round_number), "phase": c.phase, "decision_id": "", "attempt": s(c.attempt), "throttled": s(c.throttled),
-            "purpose": c.purpose,
-            "profile": "test profile", "model": c.model, "model_reported": c.model_reported,
+            "round": s(c.round_number), "phase": c.phase, "decision_id": s(c.decision_id), "attempt": s(c.attempt),
+            "throttled": s(c.throttled), "purpose": c.purpose, "profile": "test profile",
+            "memory": c.decision.memory if c.decision else "", "memory_rounds": s(c.decision.memory_rounds if c.decision else None),
+            "model": c.model, "model_reported": c.model_reported,
             "parameters": json.dumps(c.parameters), "request_messages": json.dumps(c.request_messages),
             "response_format": "", "raw_reply": c.raw_reply, "refusal": "",
             "parsed": json.dumps(c.parsed) if c.parsed is not None else "", "tokens_in": s(c.tokens_in),
