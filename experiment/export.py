@@ -1254,14 +1254,20 @@ def verify_bundle(path: Any, *, manifest_sha256: str = "") -> tuple[dict[str, An
             with open(path / name, "rb") as f:
                 yield from iter(lambda: f.read(1 << 20), b"")
     elif zipfile.is_zipfile(path):
-        archive = zipfile.ZipFile(path)
-        names = set(archive.namelist())
+        with zipfile.ZipFile(path) as archive:
 
-        def read(name: str) -> Iterator[bytes]:
-            with archive.open(name) as f:
-                yield from iter(lambda: f.read(1 << 20), b"")
+            def read_member(name: str) -> Iterator[bytes]:
+                with archive.open(name) as f:
+                    yield from iter(lambda: f.read(1 << 20), b"")
+
+            return _check_manifest(path, set(archive.namelist()), read_member, manifest_sha256)
     else:
         raise ExportError(f"{path} is neither a zip bundle nor a directory.")
+    return _check_manifest(path, names, read, manifest_sha256)
+
+
+def _check_manifest(path: Any, names: set[str], read: Callable[[str], Iterator[bytes]],
+                    manifest_sha256: str) -> tuple[dict[str, Any], list[str]]:
     if MANIFEST not in names:
         raise ExportError(f"{path} has no {MANIFEST}: it was not written by this version's export, or it was removed.")
     raw = b"".join(read(MANIFEST))

@@ -523,6 +523,25 @@ def test_the_manifest_hashes_every_file_and_verify_export_names_what_was_changed
         call_command("verify_export", str(tmp_path / "garbled.zip"), stderr=io.StringIO())
 
 
+def test_verify_closes_the_bundle_it_opened_even_when_it_fails(played: Session, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    call_command("export", session=played.pk, out=tmp_path / "zip", stdout=io.StringIO())
+    (bundle,) = (tmp_path / "zip").iterdir()
+    _rezip(bundle, tmp_path / "garbled.zip", change={"manifest.json": b"{not json"})
+    opened: list[zipfile.ZipFile] = []
+
+    class Tracked(zipfile.ZipFile):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(export.zipfile, "ZipFile", Tracked)
+    assert export.verify_bundle(bundle)[1] == []
+    with pytest.raises(export.ExportError, match="not a PartnerLab manifest"):
+        export.verify_bundle(tmp_path / "garbled.zip")
+    assert len(opened) == 2 and all(z.fp is None for z in opened)  # closed: a lab's script may delete or move it next
+
+
 def test_codebook_command(tmp_path: Path) -> None:
     call_command("codebook", out=tmp_path / "codebook.md", stdout=io.StringIO())
     assert (tmp_path / "codebook.md").read_text() == export.codebook_markdown(export.codebook())
