@@ -17,6 +17,8 @@ def candidate_history(*, participant_id: int, before_round: int) -> list[dict[st
 
     Selectors need nothing extra: their per-candidate history is already in ``seat_state``.
     """
+    if before_round <= 1:
+        return []  # no earlier round: nothing to read
     messages = dict(Message.objects.filter(candidate_id=participant_id, round_number__lt=before_round)
                     .values_list("round_number", "text"))
     points = dict(RoundPayoff.objects.filter(participant_id=participant_id, round_number__lt=before_round)
