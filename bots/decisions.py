@@ -43,8 +43,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
-from django.db import OperationalError, close_old_connections, connection, transaction
-from django.db.models import F, Q, Sum
+from django.db import IntegrityError, OperationalError, close_old_connections, connection, transaction
+from django.db.models import Exists, F, OuterRef, Q, Sum
 from django.utils import timezone
 
 from bots import limits, llm, prompts
@@ -116,6 +116,8 @@ class Plan:
     limits: limits.Limits | None = None
     budget: Decimal | None = None  # US dollars the profile may spend in this session; None: no budget
     throttled: int = 0  # throttled waits of the turn not yet recorded with a request (LLMCall.throttled)
+    prices: tuple[Decimal, Decimal] | None = None  # the profile's per 1,000 input and output tokens (US dollars)
+    fresh: bool = False  # this claim created the turn: it has no call yet (its first request is attempt 1)
 
     def rng(self, purpose: str) -> random.Random:
         return game.rng(self.group_seed, purpose, self.seat, self.round_number, self.phase)
@@ -128,9 +130,31 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
     from experiment.selectors import seat_state
 
     now = timezone.now()
+    try:
+        # Read before the claim's transaction, where the parts of the view that the group's seats share are read once
+        # per process and kept (inside a transaction they are read again for every seat). The view was never read
+        # under the group's lock: it is checked below, under the turn's, as before.
+        state = seat_state(participant_id, for_controller=True)
+    except Participant.DoesNotExist:
+        return None
+    try:
+        return _claim(participant_id, round_number, phase, state, now, fresh=True)
+    except IntegrityError:
+        # The turn's row exists already (a retry, a redelivered or a second copy of the job): claim it as it is.
+        return _claim(participant_id, round_number, phase, state, now, fresh=False)
+
+
+def _claim(participant_id: int, round_number: int, phase: str, state: dict[str, Any], now: datetime, *,
+           fresh: bool) -> Plan | RetryAt | None:
+    """The claim in one transaction. ``fresh``: create the turn's row straight away (one INSERT, which the unique
+    constraint refuses when the row exists: the caller then runs the claim again without), instead of looking for it
+    first and creating it in a savepoint (four round trips, for the usual first claim)."""
     with transaction.atomic():
+        # Whether the seat has any turn still deciding comes with the seat (usually none: no abandoned turn to close).
+        deciding = BotDecision.objects.filter(participant=OuterRef("pk"), status=BotDecision.Status.DECIDING)
         p = (Participant.objects.select_related("group__condition__bot_profile", "session__experiment")
-             .filter(pk=participant_id).first())
+             .annotate(deciding=Exists(deciding))
+             .filter(pk=participant_id).order_by().first())  # (the default ordering's joins cost ~0.5 ms to compile)
         group = p.group if p else None
         if p is None or group is None or p.controller != P.Controller.LLM:
             return None
@@ -144,12 +168,21 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
                 status=BotDecision.Status.SKIPPED, applied_at=now, lease_until=None,
                 outcome={"skipped": "The phase closed before a decision was made."})
             return None
-        decision, created = BotDecision.objects.select_for_update().get_or_create(
-            participant=p, round_number=round_number, phase=phase,
-            defaults={"group": group, "session_id": p.session_id, "profile": group.condition.bot_profile})
-        if created:
-            _close_abandoned_turns(p, keep=decision.pk, now=now)
-        if not created:
+        arm_profile = group.condition.bot_profile
+        if fresh:
+            # The lease the claim ends with (below) is set at once: one write fewer.
+            lease = now + timedelta(seconds=(arm_profile.timeout_seconds if arm_profile else 0) + LEASE_MARGIN)
+            # So is the memory arm the prompt is built with (below), as the profile says now.
+            arm = {"memory": arm_profile.memory, "memory_rounds": arm_profile.memory_rounds} if arm_profile else {}
+            decision = BotDecision.objects.create(participant=p, round_number=round_number, phase=phase, group=group,
+                                                  session_id=p.session_id, profile=arm_profile, lease_until=lease,
+                                                  **arm)
+            decision.profile = arm_profile  # loaded with the group: not read again
+            if p.deciding:
+                _close_abandoned_turns(p, keep=decision.pk, now=now)
+        else:
+            decision = BotDecision.objects.select_for_update(of=("self",)).select_related("profile").get(
+                participant=p, round_number=round_number, phase=phase)
             if decision.status == BotDecision.Status.DECIDED:
                 # The release may never have been scheduled (worker lost between commit and publish).
                 schedule("llm_apply", at=decision.apply_at, decision_id=decision.pk)
@@ -163,13 +196,12 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
                 error_message="The worker stopped before the reply arrived; the redelivered task took over.")
             if lost:
                 logger.info("turn %s taken over after a lost worker", decision.pk)
-        state = seat_state(p.pk, for_controller=True)
         g = state.get("game")
         if not g or not g.get("todo") or (g["round"], g["phase"]) != (round_number, phase):
             decision.status, decision.applied_at, decision.lease_until = BotDecision.Status.SKIPPED, now, None
             decision.save(update_fields=["status", "applied_at", "lease_until"])
             return None
-        profile: BotProfile | None = decision.profile or group.condition.bot_profile
+        profile: BotProfile | None = decision.profile or arm_profile
         plan = Plan(
             decision_id=decision.pk, participant_id=p.pk, session_id=p.session_id, group_id=group.pk, group_seed=group.seed,
             seat=p.seat, round_number=round_number, phase=phase, phase_started=group.phase_started_at or now,
@@ -182,6 +214,8 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
             limits=limits.Limits.of(profile) if profile else None,
             budget=profile.budget_per_session_usd if profile else None,
             throttled=_unrecorded_waits(decision),
+            prices=(profile.price_input_per_1k, profile.price_output_per_1k) if profile else None,
+            fresh=fresh,
         )
         if profile is None:
             return _with_problem(plan, decision, "This arm has no bot profile any more.")
@@ -199,9 +233,10 @@ def claim(*, participant_id: int, round_number: int, phase: str) -> Plan | Retry
         messages = prompts.messages_for(persona=profile.system_prompt, instructions=p.session.experiment.instructions_text,
                                         state=state, history=history, now=now, memory=memory, group_history=shared)
         name, schema = prompts.schema_for(state)
-        decision.lease_until = now + timedelta(seconds=settings.timeout + LEASE_MARGIN)
-        decision.memory, decision.memory_rounds = memory, window
-        decision.save(update_fields=["lease_until", "memory", "memory_rounds"])
+        lease = now + timedelta(seconds=settings.timeout + LEASE_MARGIN)
+        if (decision.lease_until, decision.memory, decision.memory_rounds) != (lease, memory, window):
+            decision.lease_until, decision.memory, decision.memory_rounds = lease, memory, window
+            decision.save(update_fields=["lease_until", "memory", "memory_rounds"])
         return replace(plan, settings=settings, messages=messages, response_format=settings.response_format(name, schema))
 
 
@@ -216,13 +251,17 @@ def _unrecorded_waits(decision: BotDecision) -> int:
 def _close_abandoned_turns(p: Participant, *, keep: int, now: datetime) -> None:
     """Earlier turns of the seat that nobody works on any more (their job was lost with a restarted process;
     the phase default applied at the deadline) are closed, and their unanswered calls marked lost."""
-    stale = (BotDecision.objects.filter(participant=p, status=BotDecision.Status.DECIDING).exclude(pk=keep)
-             .filter(Q(lease_until__isnull=True) | Q(lease_until__lte=now)))
+    unclaimed = Q(lease_until__isnull=True) | Q(lease_until__lte=now)
+    stale = list(BotDecision.objects.filter(unclaimed, participant=p, status=BotDecision.Status.DECIDING)
+                 .exclude(pk=keep).values_list("pk", flat=True))
+    if not stale:
+        return  # the usual case: one read, no write
     LLMCall.objects.filter(decision__in=stale, status=LLMCall.Status.PENDING).update(
         status=LLMCall.Status.ERROR, error_class="WorkerLost", finished_at=now,
         error_message="The process waiting for this reply stopped; the phase default applied instead.")
-    stale.update(status=BotDecision.Status.SKIPPED, applied_at=now, lease_until=None,
-                 outcome={"skipped": "The turn was abandoned (its process stopped); the phase default applied."})
+    BotDecision.objects.filter(unclaimed, pk__in=stale, status=BotDecision.Status.DECIDING).update(
+        status=BotDecision.Status.SKIPPED, applied_at=now, lease_until=None,
+        outcome={"skipped": "The turn was abandoned (its process stopped); the phase default applied."})
 
 
 def _with_problem(plan: Plan, decision: BotDecision, problem: str) -> Plan:
@@ -244,34 +283,37 @@ def call_open(plan: Plan, messages: list[dict[str, str]], purpose: str, throttle
     ``throttled``: how often the turn waited for its profile's limits since its previous request."""
     assert plan.settings is not None
     now = timezone.now()
-    with transaction.atomic():
-        renewed = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(
-            lease_until=now + timedelta(seconds=plan.settings.timeout + LEASE_MARGIN))
-        if not renewed:
-            return None
+    # No transaction: the lease renewed, the turn is this worker's until the call's row is written (a worker killed
+    # in between leaves a lease that runs out, as one killed during the call does).
+    renewed = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING).update(
+        lease_until=now + timedelta(seconds=plan.settings.timeout + LEASE_MARGIN))
+    if not renewed:
+        return None
+    if plan.fresh and purpose == LLMCall.Purpose.DECIDE:
+        attempt = 1  # the claim created the turn, and a plan makes one such request (a retry claims again)
+    else:
         attempt = LLMCall.objects.filter(decision_id=plan.decision_id).exclude(error_class="MissingKey").count() + 1
-        call = LLMCall.objects.create(**_call_fields(plan), attempt=attempt, purpose=purpose, request_messages=messages,
-                                      response_format=plan.response_format, model=plan.settings.model,
-                                      parameters=plan.settings.parameters(), throttled=throttled)
+    call = LLMCall.objects.create(**_call_fields(plan), attempt=attempt, purpose=purpose, request_messages=messages,
+                                  response_format=plan.response_format, model=plan.settings.model,
+                                  parameters=plan.settings.parameters(), throttled=throttled)
     return call.pk
 
 
 def call_close(plan: Plan, call_id: int, messages: list[dict[str, str]], result: llm.ChatResult) -> Correct | RetryAt | None:
     """Record the reply (or failure) and say what happens next."""
     now = timezone.now()
-    profile = BotProfile.objects.filter(pk=plan.profile_id).first()
-    cost = profile.cost_of(result.tokens_in, result.tokens_out) if profile else 0
-    call = LLMCall.objects.get(pk=call_id)
-    call.raw_reply, call.refusal = result.text or "", result.refusal or ""
-    call.tokens_in, call.tokens_out, call.cost, call.latency_ms = result.tokens_in, result.tokens_out, cost, result.latency_ms
-    call.model_reported, call.http_status, call.finished_at = result.model[:200], result.http_status, now
+    cost = _cost(plan, result.tokens_in, result.tokens_out)
+    # The call's row is written once, with its outcome (one UPDATE, not a read and a save of every column).
+    reply = {"raw_reply": result.text or "", "refusal": result.refusal or "", "tokens_in": result.tokens_in,
+             "tokens_out": result.tokens_out, "cost": cost, "latency_ms": result.latency_ms,
+             "model_reported": result.model[:200], "http_status": result.http_status, "finished_at": now}
     events.monitor_on_commit(plan.session_id, None)  # the cockpit's spend and calls in flight changed
     if result.retry_after and result.http_status in (429, 503):
         # The quota (or the server) is the key's, not this seat's: every seat of the profile, on every worker, waits.
         limits.cool_down(plan.limits, result.retry_after)
     if not result.ok:
-        call.status, call.error_class, call.error_message = LLMCall.Status.ERROR, result.error_class, result.error_message
-        call.save()
+        _call_update(call_id, reply, status=LLMCall.Status.ERROR, error_class=result.error_class,
+                     error_message=result.error_message)
         failures = LLMCall.objects.filter(decision_id=plan.decision_id, status=LLMCall.Status.ERROR).exclude(
             error_class__in=["WorkerLost", "MissingKey"]).count()
         if result.transient and failures <= plan.max_retries:
@@ -285,19 +327,28 @@ def call_close(plan: Plan, call_id: int, messages: list[dict[str, str]], result:
     try:
         actions = prompts.interpret(plan.state, result.text, result.refusal)
     except prompts.InvalidAnswer as exc:
-        call.status = LLMCall.Status.INVALID
-        call.error_class = "Refusal" if exc.code == "refusal" else "InvalidAnswer"
-        call.error_message = f"{exc.code}: {exc.message}"
-        call.save()
+        _call_update(call_id, reply, status=LLMCall.Status.INVALID,
+                     error_class="Refusal" if exc.code == "refusal" else "InvalidAnswer",
+                     error_message=f"{exc.code}: {exc.message}")
         invalid = LLMCall.objects.filter(decision_id=plan.decision_id, status=LLMCall.Status.INVALID).count()
         if invalid < 2:
             return Correct([*messages, {"role": "assistant", "content": result.text or result.refusal or ""},
                             {"role": "user", "content": prompts.correction(exc.message)}])
         return fallback(plan, f"two invalid answers (last: {exc.message})")
-    call.status, call.parsed = LLMCall.Status.OK, actions
-    call.save()
-    decide(plan, actions, source=BotDecision.Source.LLM, call_id=call.pk)
+    _call_update(call_id, reply, status=LLMCall.Status.OK, parsed=actions)
+    decide(plan, actions, source=BotDecision.Source.LLM, call_id=call_id)
     return None
+
+
+def _cost(plan: Plan, tokens_in: int, tokens_out: int) -> Decimal:
+    """The call's cost at the profile's prices (read at the claim)."""
+    if plan.prices is None:
+        return Decimal("0")
+    return BotProfile(price_input_per_1k=plan.prices[0], price_output_per_1k=plan.prices[1]).cost_of(tokens_in, tokens_out)
+
+
+def _call_update(call_id: int, reply: dict[str, Any], **outcome: Any) -> None:
+    LLMCall.objects.filter(pk=call_id).update(**reply, **outcome)
 
 
 def backoff(failures: int, rng: random.Random) -> float:
@@ -395,25 +446,25 @@ def release_time(plan: Plan, actions: list[dict[str, Any]], now: datetime) -> da
 
 def decide(plan: Plan, actions: list[dict[str, Any]], *, source: str, call_id: int | None) -> None:
     """Store the decision and schedule its release, or record it as late when the phase has closed."""
+    now = timezone.now()
+    stored: dict[str, Any] = {"actions": actions, "source": source, "decided_at": now, "lease_until": None}
+    deciding = BotDecision.objects.filter(pk=plan.decision_id, status=BotDecision.Status.DECIDING)
+    phase_open = Group.objects.filter(Q(phase_deadline__isnull=True) | Q(phase_deadline__gt=now), pk=plan.group_id,
+                                      status=Group.Status.PLAYING, round_number=plan.round_number, phase=plan.phase)
+    # One conditional UPDATE is the turn's lock, the check that its phase is still open and the write (alone, it
+    # needs no transaction): when another worker finished this turn first, nothing changes (this call stays
+    # recorded, not applied).
+    apply_at = release_time(plan, actions, now)
+    if deciding.filter(Exists(phase_open)).update(**stored, status=BotDecision.Status.DECIDED, apply_at=apply_at):
+        schedule("llm_apply", at=apply_at, decision_id=plan.decision_id)  # at once, or after the caller's commit
+        return
     with transaction.atomic():
-        d = BotDecision.objects.select_for_update().get(pk=plan.decision_id)
-        if d.status != BotDecision.Status.DECIDING:
-            return  # another worker finished this turn first; this call stays recorded, not applied
-        group = Group.objects.get(pk=plan.group_id)
-        now = timezone.now()
-        open_now = (group.status == Group.Status.PLAYING and (group.round_number, group.phase) == (plan.round_number, plan.phase)
-                    and (group.phase_deadline is None or now < group.phase_deadline))
-        d.actions, d.source, d.decided_at, d.lease_until = actions, source, now, None
-        if open_now:
-            d.status, d.apply_at = BotDecision.Status.DECIDED, release_time(plan, actions, now)
-            schedule("llm_apply", at=d.apply_at, decision_id=d.pk)
-        else:
-            d.status, d.applied_at = BotDecision.Status.LATE, now
-            d.outcome = {"late": "The phase had closed when the decision arrived."}
-            if call_id is not None:
-                LLMCall.objects.filter(pk=call_id).update(status=LLMCall.Status.LATE)
-            _event(plan, "bot.late", {"source": source, "decided_at": now.isoformat()})
-        d.save()
+        if not deciding.update(**stored, status=BotDecision.Status.LATE, applied_at=now,
+                               outcome={"late": "The phase had closed when the decision arrived."}):
+            return
+        if call_id is not None:
+            LLMCall.objects.filter(pk=call_id).update(status=LLMCall.Status.LATE)
+        _event(plan, "bot.late", {"source": source, "decided_at": now.isoformat()})
 
 
 # ---- 6. release -----------------------------------------------------------------------------------------
@@ -423,10 +474,10 @@ def apply(*, decision_id: int) -> None:
     from experiment import actions as protocol
 
     with transaction.atomic():
-        d = BotDecision.objects.select_for_update().filter(pk=decision_id).first()
+        d = BotDecision.objects.select_for_update(of=("self",)).select_related("group").filter(pk=decision_id).first()
         if d is None or d.status != BotDecision.Status.DECIDED:
             return
-        if Group.objects.filter(pk=d.group_id, paused_at__isnull=False).exists():
+        if d.group.paused_at is not None:
             return  # staff paused the group: resuming schedules the seat's turn again, which releases this
         outcome: dict[str, Any] = {}
         applied = closed = False

@@ -27,6 +27,8 @@ def candidate_history(*, participant_id: int, before_round: int, rounds: int | N
 
     Selectors need nothing extra: their per-candidate history is already in ``seat_state``.
     """
+    if before_round <= 1:
+        return []  # no earlier round: nothing to read
     window = _window(before_round, rounds)
     messages = dict(Message.objects.filter(candidate_id=participant_id, **window).values_list("round_number", "text"))
     points = dict(RoundPayoff.objects.filter(participant_id=participant_id, **window)
@@ -52,6 +54,8 @@ def group_history(*, group_id: int, before_round: int, rounds: int) -> list[dict
     chose nobody), the points sent and the points returned (null when nothing came back to decide). Names
     are the public ones the game shows; no identity labels, so that the arm adds history, not labels.
     """
+    if before_round <= 1:
+        return []
     window = _window(before_round, rounds)
     by_round: dict[int, dict[str, Any]] = {}
 
