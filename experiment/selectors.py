@@ -51,17 +51,20 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
     return _state(p, group, stage, p.session.experiment, None)
 
 
-def group_states(group: Group) -> dict[str, dict[str, Any]]:
+def group_states(group: Group, progress: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Every person's view of a group, by participant id (as a string), each equal to what :func:`seat_state`
     gives them, read once for all of them.
 
     For the holder of the group's lock, inside its transaction: what it reads is then exactly the group as its
-    transaction leaves it, and the views can be sent instead of asking every seat to read its own.
+    transaction leaves it, and the views can be sent instead of asking every seat to read its own. ``progress``:
+    the phase's progress as the caller has just counted it under the lock, if it has (else it is counted here).
     """
     assert connection.in_atomic_block, "group_states reads a group under its lock"
     shared = phase_parts.get(group)
     params = shared.experiment.params()
-    view = _GroupView(group, params, shared, _read_rows(group, None), dict(progress_parts.get(group, params)))
+    if progress is None:
+        progress = progress_parts.get(group, params)
+    view = _GroupView(group, params, shared, _read_rows(group, None), dict(progress))
     # Read as the transaction leaves the group: once it commits, the views that follow need not read them again.
     phase_parts.keep_on_commit(group, shared)
     progress_parts.keep_on_commit(group, view.progress)

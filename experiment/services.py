@@ -292,12 +292,11 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
     _log(session_id=session.pk, type="group.formed", group=group,
          payload={"condition": condition.name, "society": society, "seats": seats, "synthetic_humans": synthetic,
                   "seed": seed})
-    _phase_open(group, 1, Phase.PITCH, params, now)
-    _advance(group, params, now)
+    done = _advance(group, params, now, _phase_open(group, 1, Phase.PITCH, params, now))
     # Each person's first view of the game goes to their own channel (they follow the group's from then on).
     from experiment.selectors import group_states
 
-    states = group_states(group)
+    states = group_states(group, done)
     for p in people:
         events.view_to_seat_on_commit(p.pk, states[str(p.pk)])
     return group
@@ -507,8 +506,7 @@ def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, ac
         params = group.session.experiment.params()
         if reason != "deadline":
             _log(session_id=group.session_id, type="phase.closed_by_staff", group=group, actor_id=actor_id)
-        _advance(group, params, now, _phase_finish(group, params, now))
-        _views_to_group(group)
+        _views_to_group(group, _advance(group, params, now, _phase_finish(group, params, now)))
         return True
 
 
@@ -595,7 +593,7 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
     round_number, phase = group.round_number, group.phase
     now = timezone.now()
     done = _advance(group, params, now)
-    _views_to_group(group)
+    _views_to_group(group, done)
     # (At the end of the game the group keeps its last round and phase, and the group's views were sent.)
     if group.status == Group.Status.PLAYING and (group.round_number, group.phase) == (round_number, phase):
         from experiment.selectors import progress_parts
@@ -617,16 +615,17 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
             "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
 
 
-def _views_to_group(group: Group) -> None:
+def _views_to_group(group: Group, progress: dict[str, int] | None) -> None:
     """When this transaction asks the whole group to look again (a new phase, the end of the game), send every
     seat its view instead, read here once under the group's lock: at a phase change every person of the group
     wants a new state at once, and otherwise each of them reads their own, in whichever web process holds
-    their connection (measured with bench/load.py and bench/hotpath.py: docs/benchmarks.md)."""
+    their connection (measured with bench/load.py and bench/hotpath.py: docs/benchmarks.md). ``progress``: what
+    :func:`_advance` returned, the progress of the phase the group is in now (None: not counted)."""
     channel = events.group_channel(group.pk)
     if events.refresh_queued(channel):
         from experiment.selectors import group_states
 
-        events.refresh_instead(channel, {"type": "seat.states", "states": group_states(group)})
+        events.refresh_instead(channel, {"type": "seat.states", "states": group_states(group, progress)})
 
 
 def _seconds_since_phase_start(group: Group) -> float | None:
