@@ -136,7 +136,8 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
     rsid = _clean_recruitment_id(recruitment_session_id, "SESSION_ID")
     session = _lock_session(session_id)
     if pid:
-        existing = session.participants.filter(prolific_pid=pid).first()
+        # .order_by(): one row at most (unique per session); the default ordering would join two tables.
+        existing = session.participants.filter(prolific_pid=pid).order_by().first()
         if existing is not None:
             return existing
     if session.status != Session.Status.OPEN:
@@ -459,7 +460,8 @@ def _settle_round(group: Group, params: game.Params) -> None:
                       returned=c.return_decision.returned if c.candidate else 0)
         for c in choices
     ]
-    seats = {p.seat: p for p in group.participants.all()}
+    # The models' default ordering, without the joins it costs: within one group it is role, seat, id.
+    seats = {p.seat: p for p in group.participants.order_by("role", "seat", "id")}
     selectors = [s for s, p in seats.items() if p.role == P.Role.SELECTOR]
     candidates = [s for s, p in seats.items() if p.role == P.Role.CANDIDATE]
     payoffs = game.round_payoffs(transfers, selectors, candidates, params)
