@@ -199,31 +199,31 @@ class _GroupView:
 
 def _read_rows(group: Group, p: Participant | None) -> _Rows:
     """The rows behind the game views of ``p`` (or, with None, of every seat of the group): the same queries,
-    filtered to one seat or not."""
+    filtered to one seat or not. A kind of row the phase does not show is not asked for: even an empty
+    (``.none()``) queryset costs most of a query's compilation, and a view needs one or two of the four kinds."""
     r, phase = group.round_number, Phase(group.phase)
     selector = p is None or p.role == P.Role.SELECTOR
     candidate = p is None or p.role == P.Role.CANDIDATE
-    choices = Choice.objects.none()
-    if selector:  # every round: a selector's history with each candidate
-        choices = Choice.objects.filter(group=group)
-    elif phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):  # who chose the candidate this round
-        choices = Choice.objects.filter(group=group, round_number=r, candidate=p)
-    if p is not None and selector:
-        choices = choices.filter(selector=p)
-    beliefs = Belief.objects.none()
-    if selector and phase == Phase.BELIEF:
-        beliefs = Belief.objects.filter(group=group, round_number=r, **({"selector": p} if p else {}))
-    messages = Message.objects.none()
-    if candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
-        messages = Message.objects.filter(group=group, round_number=r, **({"candidate": p} if p else {}))
-    payoffs = RoundPayoff.objects.none()
-    if phase in (Phase.FEEDBACK, Phase.BELIEF):
-        payoffs = RoundPayoff.objects.filter(round_number=r, **({"participant": p} if p else {"participant__group": group}))
     # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
-    # (A ``.none()`` queryset gives no rows without asking the database.)
-    return _Rows(choices=list(choices.select_related("return_decision").order_by()), beliefs=list(beliefs.order_by()),
-                 messages={m.candidate_id: m for m in messages.order_by()},
-                 payoffs=dict(payoffs.order_by().values_list("participant_id", "points")))
+    choices: list[Choice] = []
+    if selector:  # every round: a selector's history with each candidate
+        query = Choice.objects.filter(group=group, **({"selector": p} if p else {}))
+        choices = list(query.select_related("return_decision").order_by())
+    elif phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):  # who chose the candidate this round
+        choices = list(Choice.objects.filter(group=group, round_number=r, candidate=p).select_related("return_decision")
+                       .order_by())
+    beliefs: list[Belief] = []
+    if selector and phase == Phase.BELIEF:
+        beliefs = list(Belief.objects.filter(group=group, round_number=r, **({"selector": p} if p else {})).order_by())
+    messages: dict[int, Message] = {}
+    if candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
+        messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r,
+                                                                       **({"candidate": p} if p else {})).order_by()}
+    payoffs: dict[int, int] = {}
+    if phase in (Phase.FEEDBACK, Phase.BELIEF):
+        payoffs = dict(RoundPayoff.objects.filter(round_number=r, **({"participant": p} if p else {"participant__group": group}))
+                       .order_by().values_list("participant_id", "points"))
+    return _Rows(choices=choices, beliefs=beliefs, messages=messages, payoffs=payoffs)
 
 
 class _Kept(Generic[T]):
