@@ -6,6 +6,7 @@ Humans (through the consumer), automated seats and staff all come through these 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -136,10 +137,11 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
     rsid = _clean_recruitment_id(recruitment_session_id, "SESSION_ID")
     session = _lock_session(session_id)
     if pid:
-        # .order_by(): one row at most (unique per session); the default ordering would join two tables.
-        existing = session.participants.filter(prolific_pid=pid).order_by().first()
-        if existing is not None:
-            return existing
+        # One row at most (unique per session): .get() asks without an ORDER BY (first() would order it).
+        try:
+            return session.participants.get(prolific_pid=pid)
+        except Participant.DoesNotExist:
+            pass
     if session.status != Session.Status.OPEN:
         raise RuleError("session_closed", "This study is not accepting participants at the moment.")
     if not _lobby_conditions(session):
@@ -556,14 +558,16 @@ def _acting(participant_id: int, *, role: str, phase: Phase, round_number: objec
             automated: bool = False) -> tuple[Group, Participant, game.Params]:
     """Lock the participant's group and check that they may act now. ``automated``: a bot/synthetic call."""
     # One query reads the seat with its group, locking the group's row only (a seat never changes group); the
-    # reason is asked only on refusal.
-    p = (Participant.objects.select_for_update(of=("group",))
-         .select_related("group__session__experiment", "group__condition")
-         .filter(pk=participant_id, group__isnull=False).order_by().first())
-    if p is None:
+    # reason is asked only on refusal. (.get(), not .first(): first() orders by the primary key, and Django
+    # compiles an ORDER BY against every selected column, here five tables' worth.)
+    try:
+        p = (Participant.objects.select_for_update(of=("group",))
+             .select_related("group__session__experiment", "group__condition")
+             .get(pk=participant_id, group__isnull=False))
+    except Participant.DoesNotExist:
         if not Participant.objects.filter(pk=participant_id).exists():
-            raise RuleError("unknown_participant", "No such participant.")
-        raise RuleError("not_in_group", "You are not in a game yet.")
+            raise RuleError("unknown_participant", "No such participant.") from None
+        raise RuleError("not_in_group", "You are not in a game yet.") from None
     group = p.group
     if group.status != Group.Status.PLAYING:
         raise RuleError("game_over", "The game has ended.")
@@ -699,8 +703,12 @@ def return_submit(*, participant_id: int, round_number: int, selector: object, a
                   automated: bool = False) -> None:
     group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.RETURN,
                                round_number=round_number, automated=automated)
-    choice = (Choice.objects.filter(group=group, round_number=round_number, candidate=p, selector__seat=selector)
-              .first() if isinstance(selector, str) else None)
+    # At most one row (a seat is unique in its group, a choice per selector and round): .get() asks for it without
+    # the ORDER BY of first() (the default ordering would also join the selector again).
+    choice = None
+    if isinstance(selector, str):
+        with contextlib.suppress(Choice.DoesNotExist):
+            choice = Choice.objects.get(group=group, round_number=round_number, candidate=p, selector__seat=selector)
     if choice is None:
         raise RuleError("unknown_selector", "That selector did not choose you this round.")
     returned = game.check_returned(amount, choice.multiplied)
