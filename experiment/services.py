@@ -342,8 +342,36 @@ def _owed(group: Group, params: game.Params) -> tuple[list[Participant], dict[st
     return [], {"done": 0, "of": 0}
 
 
+def _counted(group: Group, params: game.Params) -> tuple[bool, dict[str, int]]:
+    """Whether anyone still owes an action in the current phase, and the phase's progress, equal to what
+    :func:`_owed` gives, from the same query read as one value per seat: no rows built, no ORDER BY (Django
+    compiles one against every selected column). Enough for an action that only asks whether its phase is done,
+    and for every view's progress."""
+    r, phase = group.round_number, group.phase
+    # .order_by(): the models' default orderings join other tables; only the values are counted here.
+    if phase in (Phase.PITCH, Phase.CHOICE):
+        role, rows, of = ((P.Role.CANDIDATE, Message.objects.filter(candidate=OuterRef("pk")), params.n_candidates)
+                          if phase == Phase.PITCH else
+                          (P.Role.SELECTOR, Choice.objects.filter(selector=OuterRef("pk")), params.n_selectors))
+        acted = list(group.participants.filter(role=role).annotate(acted=Exists(rows.filter(round_number=r)))
+                     .order_by().values_list("acted", flat=True))
+        return not all(acted), {"done": sum(acted), "of": of}
+    if phase == Phase.RETURN:
+        returned = list(Choice.objects.filter(group=group, round_number=r, candidate__isnull=False)
+                        .annotate(returned=Exists(Return.objects.filter(choice=OuterRef("pk"))))
+                        .order_by().values_list("returned", flat=True))
+        return not all(returned), {"done": sum(returned), "of": len(returned)}
+    if phase == Phase.BELIEF:
+        per = params.n_candidates
+        given = list(group.participants.filter(role=P.Role.SELECTOR)
+                     .annotate(given=Count("beliefs", filter=Q(beliefs__round_number=r))).order_by()
+                     .values_list("given", flat=True))
+        return any(n < per for n in given), {"done": sum(n >= per for n in given), "of": params.n_selectors}
+    return False, {"done": 0, "of": 0}
+
+
 def progress(group: Group, params: game.Params) -> dict[str, int]:
-    return _owed(group, params)[1]
+    return _counted(group, params)[1]
 
 
 Owed = tuple[list[Participant], dict[str, int]]  # what _owed gives: who still owes an action, the progress
@@ -380,7 +408,7 @@ def _advance(group: Group, params: game.Params, now: datetime, owed: Owed | None
     ``owed``: what is owed in the current phase, if the caller knows. Returns the progress of the phase in which
     it stops (None when that phase asks nothing of anyone, or the game has ended)."""
     while group.status == Group.Status.PLAYING and game.actors(Phase(group.phase)):
-        pending, done = owed or _owed(group, params)
+        pending, done = owed or _counted(group, params)  # (whether anyone owes: which seats, only a deadline needs)
         if pending:
             return done
         owed = _phase_finish(group, params, now, missing=[])
