@@ -77,11 +77,12 @@ def group_states(group: Group, progress: dict[str, int] | None = None) -> dict[s
     return states
 
 
-def own_state(p: Participant, group: Group, progress: dict[str, int]) -> dict[str, Any]:
+def own_state(p: Participant, group: Group, progress: dict[str, int], *, message: Message | None = None) -> dict[str, Any]:
     """The view of a seat that has just acted, equal to what :func:`seat_state` gives it once the action has
     committed: for the holder of the group's lock, inside its transaction, with the progress it computed.
 
-    Within a phase, what the phase fixes is kept (or read once and kept); the seat's own rows are read here.
+    Within a phase, what the phase fixes is kept (or read once and kept); the seat's own rows are read here,
+    except the ``message`` a candidate has just sent (in the pitch phase, their only row the view shows).
     """
     assert connection.in_atomic_block, "own_state reads a group under its lock"
     shared = phase_parts.kept(group)
@@ -90,7 +91,8 @@ def own_state(p: Participant, group: Group, progress: dict[str, int]) -> dict[st
         phase_parts.keep_on_commit(group, shared)
     params = shared.experiment.params()
     stage = _stage(p, group)
-    view = _GroupView(group, params, shared, _read_rows(group, p), dict(progress)) if stage == P.Status.PLAYING else None
+    view = (_GroupView(group, params, shared, _read_rows(group, p, message=message), dict(progress))
+            if stage == P.Status.PLAYING else None)
     return _state(p, group, stage, shared.experiment, view)
 
 
@@ -197,10 +199,11 @@ class _GroupView:
     progress: dict[str, int]
 
 
-def _read_rows(group: Group, p: Participant | None) -> _Rows:
+def _read_rows(group: Group, p: Participant | None, *, message: Message | None = None) -> _Rows:
     """The rows behind the game views of ``p`` (or, with None, of every seat of the group): the same queries,
     filtered to one seat or not. A kind of row the phase does not show is not asked for: even an empty
-    (``.none()``) queryset costs most of a query's compilation, and a view needs one or two of the four kinds."""
+    (``.none()``) queryset costs most of a query's compilation, and a view needs one or two of the four kinds.
+    ``message``: the candidate ``p``'s message of the round, if the caller has just stored it (not read again)."""
     r, phase = group.round_number, Phase(group.phase)
     selector = p is None or p.role == P.Role.SELECTOR
     candidate = p is None or p.role == P.Role.CANDIDATE
@@ -216,7 +219,10 @@ def _read_rows(group: Group, p: Participant | None) -> _Rows:
     if selector and phase == Phase.BELIEF:
         beliefs = list(Belief.objects.filter(group=group, round_number=r, **({"selector": p} if p else {})).order_by())
     messages: dict[int, Message] = {}
-    if candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
+    if candidate and phase == Phase.PITCH and message is not None:
+        assert p is not None and (message.candidate_id, message.round_number) == (p.pk, r), "not the seat's message"
+        messages = {p.pk: message}
+    elif candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
         messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r,
                                                                        **({"candidate": p} if p else {})).order_by()}
     payoffs: dict[int, int] = {}

@@ -617,8 +617,10 @@ def _acting(participant_id: int, *, role: str, phase: Phase, round_number: objec
     return group, p, group.session.experiment.params()
 
 
-def _acted(group: Group, params: game.Params, p: Participant, type: str, payload: dict[str, Any]) -> None:
-    """Bookkeeping shared by every accepted action. Call holding the group lock."""
+def _acted(group: Group, params: game.Params, p: Participant, type: str, payload: dict[str, Any], *,
+           message: Message | None = None) -> None:
+    """Bookkeeping shared by every accepted action. Call holding the group lock. ``message``: the pitch the action
+    stored, if it was one (the actor's view shows it without reading it back)."""
     if p.consecutive_timeouts:
         p.consecutive_timeouts = 0
         p.save(update_fields=["consecutive_timeouts"])
@@ -644,7 +646,7 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
         else:
             from experiment.selectors import own_state
 
-            events.view_to_seat_on_commit(p.pk, own_state(p, group, done))
+            events.view_to_seat_on_commit(p.pk, own_state(p, group, done, message=message))
         events.forward_on_commit(events.group_channel(group.pk), {
             "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
 
@@ -689,9 +691,10 @@ def pitch_submit(*, participant_id: int, round_number: int, text: object, automa
     group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.PITCH,
                                round_number=round_number, automated=automated)
     clean = game.check_message(text, params)
-    Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean, decided_by=p.controller,
-                           decision_seconds=_seconds_since_phase_start(group))
-    _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)})
+    message = Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean,
+                                     decided_by=p.controller, decision_seconds=_seconds_since_phase_start(group))
+    _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)},
+           message=message)
 
 
 def _choice_create(group: Group, params: game.Params, selector: Participant, candidate: Participant | None,
