@@ -51,6 +51,10 @@ def main() -> None:
     from django.core.management import call_command
 
     settings.PARTNERLAB_SCHEDULER = "inprocess"  # jobs queue up; the loop below runs the bots' at once
+    # The game page names its script through the static files storage; production's reads the manifest that
+    # collectstatic writes, which a bench checkout does not have (a dictionary lookup either way).
+    settings.STORAGES = {**settings.STORAGES,
+                         "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}
     try:
         call_command("migrate", verbosity=0)
         _run(args.groups, args.profile)
@@ -95,6 +99,35 @@ class Meter:
         return out
 
 
+def _arrive(meter: Meter, session: Any, i: int) -> int:
+    """One person arrives from Prolific as a browser does: the join link, its redirect to the game page, the
+    websocket's accept (its token looked up and its connection counted, as the consumer does). Returns their id.
+
+    The HTTP calls go through Django's whole request handling (middleware, view, template) in this thread, not
+    through an ASGI server. The connection is closed again at once (not timed), so that no sweep of a long run
+    finds it stale."""
+    from django.test import Client
+
+    from experiment import consumers, services
+
+    browser = Client(HTTP_HOST="127.0.0.1")  # a browser of its own: its own cookies
+    recruitment = {"PROLIFIC_PID": f"bench{i:06d}", "STUDY_ID": "hotpath", "SESSION_ID": f"s{i:06d}"}
+    joined = meter.call("arrival: join link (HTTP)", browser.get, f"/join/{session.code}/", recruitment, secure=True)
+    assert joined.status_code == 302, joined.status_code
+    page = meter.call("arrival: game page (HTTP)", browser.get, joined["Location"], secure=True)
+    assert page.status_code == 200, page.status_code
+    token = joined["Location"].rstrip("/").rsplit("/", 1)[1]
+
+    def accept() -> tuple[int, int]:
+        found = consumers._participant_by_token.func(token)  # (the function the consumer runs in a pool thread)
+        connection_id = services.connection_open(participant_id=found[0], process="hotpath-bench")
+        return found[0], connection_id
+
+    pid, connection_id = meter.call("arrival: websocket accept", accept)
+    services.connection_close(connection_id=connection_id, participant_id=pid)
+    return pid
+
+
 def _run(n_groups: int, profile: str | None) -> None:
     import cProfile
     import pstats
@@ -116,7 +149,7 @@ def _run(n_groups: int, profile: str | None) -> None:
     human = SyntheticHuman(quiz_key={str(i): q["answer"] for i, q in enumerate(experiment.quiz)})
     rng = random.Random(1)
     meter = Meter()
-    people = [services.participant_join(session_id=session.pk).pk for _ in range(n_groups * experiment.n_humans)]
+    people = [_arrive(meter, session, i) for i in range(n_groups * experiment.n_humans)]
 
     states: dict[int, dict[str, Any]] = {pid: meter.call("view on connect", seat_state, pid) for pid in people}
     known: dict[int, tuple[Any, ...]] = {}  # group → (status, round, phase) its people last saw

@@ -48,7 +48,8 @@ def _participant_by_token(token: str) -> tuple[int, int] | None:
     """A person's seat. After a bot took it over the person may still connect: they see their
     dropout page, and the services refuse their actions (``seat_taken_over``)."""
     row = (Participant.objects.filter(token=token, kind=Participant.Kind.HUMAN)
-           .exclude(controller=Participant.Controller.SYNTHETIC).values_list("pk", "session_id").first())
+           .exclude(controller=Participant.Controller.SYNTHETIC).values_list("pk", "session_id")
+           .order_by().first())  # (a token is unique: the default ordering would only join two tables)
     return row
 
 

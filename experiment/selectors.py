@@ -51,17 +51,20 @@ def seat_state(participant_id: int, *, for_controller: bool = False) -> dict[str
     return _state(p, group, stage, p.session.experiment, None)
 
 
-def group_states(group: Group) -> dict[str, dict[str, Any]]:
+def group_states(group: Group, progress: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Every person's view of a group, by participant id (as a string), each equal to what :func:`seat_state`
     gives them, read once for all of them.
 
     For the holder of the group's lock, inside its transaction: what it reads is then exactly the group as its
-    transaction leaves it, and the views can be sent instead of asking every seat to read its own.
+    transaction leaves it, and the views can be sent instead of asking every seat to read its own. ``progress``:
+    the phase's progress as the caller has just counted it under the lock, if it has (else it is counted here).
     """
     assert connection.in_atomic_block, "group_states reads a group under its lock"
     shared = phase_parts.get(group)
     params = shared.experiment.params()
-    view = _GroupView(group, params, shared, _read_rows(group, None), dict(progress_parts.get(group, params)))
+    if progress is None:
+        progress = progress_parts.get(group, params)
+    view = _GroupView(group, params, shared, _read_rows(group, None), dict(progress))
     # Read as the transaction leaves the group: once it commits, the views that follow need not read them again.
     phase_parts.keep_on_commit(group, shared)
     progress_parts.keep_on_commit(group, view.progress)
@@ -74,11 +77,12 @@ def group_states(group: Group) -> dict[str, dict[str, Any]]:
     return states
 
 
-def own_state(p: Participant, group: Group, progress: dict[str, int]) -> dict[str, Any]:
+def own_state(p: Participant, group: Group, progress: dict[str, int], *, message: Message | None = None) -> dict[str, Any]:
     """The view of a seat that has just acted, equal to what :func:`seat_state` gives it once the action has
     committed: for the holder of the group's lock, inside its transaction, with the progress it computed.
 
-    Within a phase, what the phase fixes is kept (or read once and kept); the seat's own rows are read here.
+    Within a phase, what the phase fixes is kept (or read once and kept); the seat's own rows are read here,
+    except the ``message`` a candidate has just sent (in the pitch phase, their only row the view shows).
     """
     assert connection.in_atomic_block, "own_state reads a group under its lock"
     shared = phase_parts.kept(group)
@@ -87,7 +91,8 @@ def own_state(p: Participant, group: Group, progress: dict[str, int]) -> dict[st
         phase_parts.keep_on_commit(group, shared)
     params = shared.experiment.params()
     stage = _stage(p, group)
-    view = _GroupView(group, params, shared, _read_rows(group, p), dict(progress)) if stage == P.Status.PLAYING else None
+    view = (_GroupView(group, params, shared, _read_rows(group, p, message=message), dict(progress))
+            if stage == P.Status.PLAYING else None)
     return _state(p, group, stage, shared.experiment, view)
 
 
@@ -194,33 +199,37 @@ class _GroupView:
     progress: dict[str, int]
 
 
-def _read_rows(group: Group, p: Participant | None) -> _Rows:
+def _read_rows(group: Group, p: Participant | None, *, message: Message | None = None) -> _Rows:
     """The rows behind the game views of ``p`` (or, with None, of every seat of the group): the same queries,
-    filtered to one seat or not."""
+    filtered to one seat or not. A kind of row the phase does not show is not asked for: even an empty
+    (``.none()``) queryset costs most of a query's compilation, and a view needs one or two of the four kinds.
+    ``message``: the candidate ``p``'s message of the round, if the caller has just stored it (not read again)."""
     r, phase = group.round_number, Phase(group.phase)
     selector = p is None or p.role == P.Role.SELECTOR
     candidate = p is None or p.role == P.Role.CANDIDATE
-    choices = Choice.objects.none()
-    if selector:  # every round: a selector's history with each candidate
-        choices = Choice.objects.filter(group=group)
-    elif phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):  # who chose the candidate this round
-        choices = Choice.objects.filter(group=group, round_number=r, candidate=p)
-    if p is not None and selector:
-        choices = choices.filter(selector=p)
-    beliefs = Belief.objects.none()
-    if selector and phase == Phase.BELIEF:
-        beliefs = Belief.objects.filter(group=group, round_number=r, **({"selector": p} if p else {}))
-    messages = Message.objects.none()
-    if candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
-        messages = Message.objects.filter(group=group, round_number=r, **({"candidate": p} if p else {}))
-    payoffs = RoundPayoff.objects.none()
-    if phase in (Phase.FEEDBACK, Phase.BELIEF):
-        payoffs = RoundPayoff.objects.filter(round_number=r, **({"participant": p} if p else {"participant__group": group}))
     # .order_by(): the models' default orderings join other tables; these rows are keyed or sorted here.
-    # (A ``.none()`` queryset gives no rows without asking the database.)
-    return _Rows(choices=list(choices.select_related("return_decision").order_by()), beliefs=list(beliefs.order_by()),
-                 messages={m.candidate_id: m for m in messages.order_by()},
-                 payoffs=dict(payoffs.order_by().values_list("participant_id", "points")))
+    choices: list[Choice] = []
+    if selector:  # every round: a selector's history with each candidate
+        query = Choice.objects.filter(group=group, **({"selector": p} if p else {}))
+        choices = list(query.select_related("return_decision").order_by())
+    elif phase in (Phase.RETURN, Phase.FEEDBACK, Phase.BELIEF):  # who chose the candidate this round
+        choices = list(Choice.objects.filter(group=group, round_number=r, candidate=p).select_related("return_decision")
+                       .order_by())
+    beliefs: list[Belief] = []
+    if selector and phase == Phase.BELIEF:
+        beliefs = list(Belief.objects.filter(group=group, round_number=r, **({"selector": p} if p else {})).order_by())
+    messages: dict[int, Message] = {}
+    if candidate and phase == Phase.PITCH and message is not None:
+        assert p is not None and (message.candidate_id, message.round_number) == (p.pk, r), "not the seat's message"
+        messages = {p.pk: message}
+    elif candidate and phase == Phase.PITCH:  # later, every seat sees the round's messages (kept per phase)
+        messages = {m.candidate_id: m for m in Message.objects.filter(group=group, round_number=r,
+                                                                       **({"candidate": p} if p else {})).order_by()}
+    payoffs: dict[int, int] = {}
+    if phase in (Phase.FEEDBACK, Phase.BELIEF):
+        payoffs = dict(RoundPayoff.objects.filter(round_number=r, **({"participant": p} if p else {"participant__group": group}))
+                       .order_by().values_list("participant_id", "points"))
+    return _Rows(choices=choices, beliefs=beliefs, messages=messages, payoffs=payoffs)
 
 
 class _Kept(Generic[T]):

@@ -6,6 +6,7 @@ Humans (through the consumer), automated seats and staff all come through these 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -136,9 +137,11 @@ def participant_join(*, session_id: int, prolific_pid: str = "", study_id: str =
     rsid = _clean_recruitment_id(recruitment_session_id, "SESSION_ID")
     session = _lock_session(session_id)
     if pid:
-        existing = session.participants.filter(prolific_pid=pid).first()
-        if existing is not None:
-            return existing
+        # One row at most (unique per session): .get() asks without an ORDER BY (first() would order it).
+        try:
+            return session.participants.get(prolific_pid=pid)
+        except Participant.DoesNotExist:
+            pass
     if session.status != Session.Status.OPEN:
         raise RuleError("session_closed", "This study is not accepting participants at the moment.")
     if not _lobby_conditions(session):
@@ -292,12 +295,11 @@ def _group_form(session: Session, people: list[Participant], params: game.Params
     _log(session_id=session.pk, type="group.formed", group=group,
          payload={"condition": condition.name, "society": society, "seats": seats, "synthetic_humans": synthetic,
                   "seed": seed})
-    _phase_open(group, 1, Phase.PITCH, params, now)
-    _advance(group, params, now)
+    done = _advance(group, params, now, _phase_open(group, 1, Phase.PITCH, params, now))
     # Each person's first view of the game goes to their own channel (they follow the group's from then on).
     from experiment.selectors import group_states
 
-    states = group_states(group)
+    states = group_states(group, done)
     for p in people:
         events.view_to_seat_on_commit(p.pk, states[str(p.pk)])
     return group
@@ -340,8 +342,36 @@ def _owed(group: Group, params: game.Params) -> tuple[list[Participant], dict[st
     return [], {"done": 0, "of": 0}
 
 
+def _counted(group: Group, params: game.Params) -> tuple[bool, dict[str, int]]:
+    """Whether anyone still owes an action in the current phase, and the phase's progress, equal to what
+    :func:`_owed` gives, from the same query read as one value per seat: no rows built, no ORDER BY (Django
+    compiles one against every selected column). Enough for an action that only asks whether its phase is done,
+    and for every view's progress."""
+    r, phase = group.round_number, group.phase
+    # .order_by(): the models' default orderings join other tables; only the values are counted here.
+    if phase in (Phase.PITCH, Phase.CHOICE):
+        role, rows, of = ((P.Role.CANDIDATE, Message.objects.filter(candidate=OuterRef("pk")), params.n_candidates)
+                          if phase == Phase.PITCH else
+                          (P.Role.SELECTOR, Choice.objects.filter(selector=OuterRef("pk")), params.n_selectors))
+        acted = list(group.participants.filter(role=role).annotate(acted=Exists(rows.filter(round_number=r)))
+                     .order_by().values_list("acted", flat=True))
+        return not all(acted), {"done": sum(acted), "of": of}
+    if phase == Phase.RETURN:
+        returned = list(Choice.objects.filter(group=group, round_number=r, candidate__isnull=False)
+                        .annotate(returned=Exists(Return.objects.filter(choice=OuterRef("pk"))))
+                        .order_by().values_list("returned", flat=True))
+        return not all(returned), {"done": sum(returned), "of": len(returned)}
+    if phase == Phase.BELIEF:
+        per = params.n_candidates
+        given = list(group.participants.filter(role=P.Role.SELECTOR)
+                     .annotate(given=Count("beliefs", filter=Q(beliefs__round_number=r))).order_by()
+                     .values_list("given", flat=True))
+        return any(n < per for n in given), {"done": sum(n >= per for n in given), "of": params.n_selectors}
+    return False, {"done": 0, "of": 0}
+
+
 def progress(group: Group, params: game.Params) -> dict[str, int]:
-    return _owed(group, params)[1]
+    return _counted(group, params)[1]
 
 
 Owed = tuple[list[Participant], dict[str, int]]  # what _owed gives: who still owes an action, the progress
@@ -378,7 +408,7 @@ def _advance(group: Group, params: game.Params, now: datetime, owed: Owed | None
     ``owed``: what is owed in the current phase, if the caller knows. Returns the progress of the phase in which
     it stops (None when that phase asks nothing of anyone, or the game has ended)."""
     while group.status == Group.Status.PLAYING and game.actors(Phase(group.phase)):
-        pending, done = owed or _owed(group, params)
+        pending, done = owed or _counted(group, params)  # (whether anyone owes: which seats, only a deadline needs)
         if pending:
             return done
         owed = _phase_finish(group, params, now, missing=[])
@@ -460,7 +490,8 @@ def _settle_round(group: Group, params: game.Params) -> None:
                       returned=c.return_decision.returned if c.candidate else 0)
         for c in choices
     ]
-    seats = {p.seat: p for p in group.participants.all()}
+    # The models' default ordering, without the joins it costs: within one group it is role, seat, id.
+    seats = {p.seat: p for p in group.participants.order_by("role", "seat", "id")}
     selectors = [s for s, p in seats.items() if p.role == P.Role.SELECTOR]
     candidates = [s for s, p in seats.items() if p.role == P.Role.CANDIDATE]
     payoffs = game.round_payoffs(transfers, selectors, candidates, params)
@@ -507,8 +538,7 @@ def phase_close(*, group_id: int, round_number: int, phase: str, reason: str, ac
         params = group.session.experiment.params()
         if reason != "deadline":
             _log(session_id=group.session_id, type="phase.closed_by_staff", group=group, actor_id=actor_id)
-        _advance(group, params, now, _phase_finish(group, params, now))
-        _views_to_group(group)
+        _views_to_group(group, _advance(group, params, now, _phase_finish(group, params, now)))
         return True
 
 
@@ -556,14 +586,16 @@ def _acting(participant_id: int, *, role: str, phase: Phase, round_number: objec
             automated: bool = False) -> tuple[Group, Participant, game.Params]:
     """Lock the participant's group and check that they may act now. ``automated``: a bot/synthetic call."""
     # One query reads the seat with its group, locking the group's row only (a seat never changes group); the
-    # reason is asked only on refusal.
-    p = (Participant.objects.select_for_update(of=("group",))
-         .select_related("group__session__experiment", "group__condition")
-         .filter(pk=participant_id, group__isnull=False).order_by().first())
-    if p is None:
+    # reason is asked only on refusal. (.get(), not .first(): first() orders by the primary key, and Django
+    # compiles an ORDER BY against every selected column, here five tables' worth.)
+    try:
+        p = (Participant.objects.select_for_update(of=("group",))
+             .select_related("group__session__experiment", "group__condition")
+             .get(pk=participant_id, group__isnull=False))
+    except Participant.DoesNotExist:
         if not Participant.objects.filter(pk=participant_id).exists():
-            raise RuleError("unknown_participant", "No such participant.")
-        raise RuleError("not_in_group", "You are not in a game yet.")
+            raise RuleError("unknown_participant", "No such participant.") from None
+        raise RuleError("not_in_group", "You are not in a game yet.") from None
     group = p.group
     if group.status != Group.Status.PLAYING:
         raise RuleError("game_over", "The game has ended.")
@@ -585,8 +617,10 @@ def _acting(participant_id: int, *, role: str, phase: Phase, round_number: objec
     return group, p, group.session.experiment.params()
 
 
-def _acted(group: Group, params: game.Params, p: Participant, type: str, payload: dict[str, Any]) -> None:
-    """Bookkeeping shared by every accepted action. Call holding the group lock."""
+def _acted(group: Group, params: game.Params, p: Participant, type: str, payload: dict[str, Any], *,
+           message: Message | None = None) -> None:
+    """Bookkeeping shared by every accepted action. Call holding the group lock. ``message``: the pitch the action
+    stored, if it was one (the actor's view shows it without reading it back)."""
     if p.consecutive_timeouts:
         p.consecutive_timeouts = 0
         p.save(update_fields=["consecutive_timeouts"])
@@ -595,7 +629,7 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
     round_number, phase = group.round_number, group.phase
     now = timezone.now()
     done = _advance(group, params, now)
-    _views_to_group(group)
+    _views_to_group(group, done)
     # (At the end of the game the group keeps its last round and phase, and the group's views were sent.)
     if group.status == Group.Status.PLAYING and (group.round_number, group.phase) == (round_number, phase):
         from experiment.selectors import progress_parts
@@ -612,21 +646,22 @@ def _acted(group: Group, params: game.Params, p: Participant, type: str, payload
         else:
             from experiment.selectors import own_state
 
-            events.view_to_seat_on_commit(p.pk, own_state(p, group, done))
+            events.view_to_seat_on_commit(p.pk, own_state(p, group, done, message=message))
         events.forward_on_commit(events.group_channel(group.pk), {
             "type": "progress", "version": group.version, "round": round_number, "phase": phase, **done})
 
 
-def _views_to_group(group: Group) -> None:
+def _views_to_group(group: Group, progress: dict[str, int] | None) -> None:
     """When this transaction asks the whole group to look again (a new phase, the end of the game), send every
     seat its view instead, read here once under the group's lock: at a phase change every person of the group
     wants a new state at once, and otherwise each of them reads their own, in whichever web process holds
-    their connection (measured with bench/load.py and bench/hotpath.py: docs/benchmarks.md)."""
+    their connection (measured with bench/load.py and bench/hotpath.py: docs/benchmarks.md). ``progress``: what
+    :func:`_advance` returned, the progress of the phase the group is in now (None: not counted)."""
     channel = events.group_channel(group.pk)
     if events.refresh_queued(channel):
         from experiment.selectors import group_states
 
-        events.refresh_instead(channel, {"type": "seat.states", "states": group_states(group)})
+        events.refresh_instead(channel, {"type": "seat.states", "states": group_states(group, progress)})
 
 
 def _seconds_since_phase_start(group: Group) -> float | None:
@@ -656,9 +691,10 @@ def pitch_submit(*, participant_id: int, round_number: int, text: object, automa
     group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.PITCH,
                                round_number=round_number, automated=automated)
     clean = game.check_message(text, params)
-    Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean, decided_by=p.controller,
-                           decision_seconds=_seconds_since_phase_start(group))
-    _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)})
+    message = Message.objects.create(group=group, round_number=round_number, candidate=p, text=clean,
+                                     decided_by=p.controller, decision_seconds=_seconds_since_phase_start(group))
+    _acted(group, params, p, "pitch.submitted", {"length": len(clean), "seconds": _seconds_since_phase_start(group)},
+           message=message)
 
 
 def _choice_create(group: Group, params: game.Params, selector: Participant, candidate: Participant | None,
@@ -698,8 +734,12 @@ def return_submit(*, participant_id: int, round_number: int, selector: object, a
                   automated: bool = False) -> None:
     group, p, params = _acting(participant_id, role=P.Role.CANDIDATE, phase=Phase.RETURN,
                                round_number=round_number, automated=automated)
-    choice = (Choice.objects.filter(group=group, round_number=round_number, candidate=p, selector__seat=selector)
-              .first() if isinstance(selector, str) else None)
+    # At most one row (a seat is unique in its group, a choice per selector and round): .get() asks for it without
+    # the ORDER BY of first() (the default ordering would also join the selector again).
+    choice = None
+    if isinstance(selector, str):
+        with contextlib.suppress(Choice.DoesNotExist):
+            choice = Choice.objects.get(group=group, round_number=round_number, candidate=p, selector__seat=selector)
     if choice is None:
         raise RuleError("unknown_selector", "That selector did not choose you this round.")
     returned = game.check_returned(amount, choice.multiplied)

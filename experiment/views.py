@@ -16,7 +16,7 @@ COOKIE = "partnerlab_seat_{code}"
 @require_GET
 def join(request: HttpRequest, code: str) -> HttpResponse:
     """Open a seat for this browser (or give back the one it already has) and go to the game page."""
-    session = get_object_or_404(Session, code=code)
+    session = get_object_or_404(Session.objects.only("pk"), code=code)  # (the service reads it again, locked)
     known = request.get_signed_cookie(COOKIE.format(code=code), default=None)
     if known and Participant.objects.filter(token=known, session=session).exists():
         return redirect("play", token=known)
