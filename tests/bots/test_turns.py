@@ -565,6 +565,23 @@ def test_a_turn_whose_jobs_were_lost_is_handed_out_again_by_the_sweep(fake: Fake
     assert automation.rearm(timezone.now(), force=True) == 0  # nothing owed any more
 
 
+def test_an_unclaimed_turn_is_handed_out_again_at_widening_ages_not_at_every_look(fake: FakeOpenAI,
+                                                                                    profile: BotProfile) -> None:
+    """A turn still queued behind a backlog looks lost too: a copy per look (every 5 s) multiplied a backlog of
+    LLM turns (bench/society.py, 200 groups: 38,000 queued jobs). Ages in s since the phase opened; a turn is
+    overdue from 5 s, handed out in [5, 10), [10, 15), [20, 25), [40, 45), [60, 65) ..."""
+    group = group_with(profile, pitch_seconds=600)
+    runner.clear()
+    handed = {}
+    for age in (6, 9.5, 11, 14, 17, 22, 30, 36, 41, 50, 61):
+        opened_ago(group, age)
+        handed[age] = automation.rearm(timezone.now(), force=True)
+    assert handed == {6: 1, 9.5: 1, 11: 1, 14: 1, 17: 0, 22: 1, 30: 0, 36: 0, 41: 1, 50: 0, 61: 1}
+    assert all(kwargs["phase"] == "pitch" for kwargs in queued("llm_decide"))
+    assert [automation._rehand_due(t) for t in (-1, 0, 4.9, 5, 9.9, 10, 15, 19.9, 20, 35, 39.9, 40, 55, 75)] == [
+        False, True, True, True, True, False, True, True, False, True, True, False, True, True]
+
+
 def test_a_claim_whose_retry_never_came_is_handed_out_once_its_lease_runs_out(fake: FakeOpenAI, profile: BotProfile) -> None:
     group = group_with(profile)
     bot = seat_of(group, kind="bot")
