@@ -147,13 +147,14 @@ def _rehand_due(overdue: float) -> bool:
     now: in the first ``PARTNERLAB_REARM_EVERY_SECONDS`` after each step (0, 5, 15, then every 20 s), which the
     looks, at most that far apart, each meet. A queued job is then copied at most 4 times in a 60 s phase, where
     a copy per look (every 5 s) let a backlog of 500 turns grow to 38,000 queued jobs in a 200-group benchmark."""
-    window = settings.PARTNERLAB_REARM_EVERY_SECONDS
     if overdue < 0:
         return False
-    steps = [*REHAND_STEPS]
-    while steps[-1] + REHAND_EVERY_AFTER <= overdue:
-        steps.append(steps[-1] + REHAND_EVERY_AFTER)
-    return any(step <= overdue < step + window for step in steps)
+    last = REHAND_STEPS[-1]
+    if overdue >= last:
+        step = last + (overdue - last) // REHAND_EVERY_AFTER * REHAND_EVERY_AFTER
+    else:
+        step = max(s for s in REHAND_STEPS if s <= overdue)
+    return overdue - step < settings.PARTNERLAB_REARM_EVERY_SECONDS
 
 
 def _lost_job(p: Participant, group: Group, params: game.Params, turn: Any, overdue_since: datetime

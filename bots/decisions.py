@@ -48,7 +48,7 @@ from django.db.models import Exists, F, OuterRef, Q, Sum
 from django.utils import timezone
 
 from bots import limits, llm, prompts
-from bots.models import BotDecision, BotProfile, LLMCall
+from bots.models import BotDecision, BotProfile, LLMCall, token_cost
 from bots.policy import human_like_delay
 from bots.scripted import ScriptedBot
 from bots.selectors import candidate_history, group_history
@@ -302,7 +302,8 @@ def call_open(plan: Plan, messages: list[dict[str, str]], purpose: str, throttle
 def call_close(plan: Plan, call_id: int, messages: list[dict[str, str]], result: llm.ChatResult) -> Correct | RetryAt | None:
     """Record the reply (or failure) and say what happens next."""
     now = timezone.now()
-    cost = _cost(plan, result.tokens_in, result.tokens_out)
+    # At the profile's prices as read at the claim.
+    cost = token_cost(plan.prices, result.tokens_in, result.tokens_out) if plan.prices else Decimal("0")
     # The call's row is written once, with its outcome (one UPDATE, not a read and a save of every column).
     reply = {"raw_reply": result.text or "", "refusal": result.refusal or "", "tokens_in": result.tokens_in,
              "tokens_out": result.tokens_out, "cost": cost, "latency_ms": result.latency_ms,
@@ -338,13 +339,6 @@ def call_close(plan: Plan, call_id: int, messages: list[dict[str, str]], result:
     _call_update(call_id, reply, status=LLMCall.Status.OK, parsed=actions)
     decide(plan, actions, source=BotDecision.Source.LLM, call_id=call_id)
     return None
-
-
-def _cost(plan: Plan, tokens_in: int, tokens_out: int) -> Decimal:
-    """The call's cost at the profile's prices (read at the claim)."""
-    if plan.prices is None:
-        return Decimal("0")
-    return BotProfile(price_input_per_1k=plan.prices[0], price_output_per_1k=plan.prices[1]).cost_of(tokens_in, tokens_out)
 
 
 def _call_update(call_id: int, reply: dict[str, Any], **outcome: Any) -> None:

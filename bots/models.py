@@ -30,6 +30,12 @@ endpoint_url = RegexValidator(r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
                               "Give the endpoint's base URL, e.g. https://api.openai.com/v1 or http://localhost:11434/v1.")
 
 
+def token_cost(prices: tuple[Decimal, Decimal], tokens_in: int, tokens_out: int) -> Decimal:
+    """US dollars for a call at ``prices`` (per 1,000 input and per 1,000 output tokens), to the micro-dollar."""
+    cost = (Decimal(tokens_in) * prices[0] + Decimal(tokens_out) * prices[1]) / 1000
+    return cost.quantize(Decimal("0.000001"))
+
+
 class BotProfile(models.Model):
     """A language model configured the way a methods section describes it."""
 
@@ -160,8 +166,7 @@ class BotProfile(models.Model):
         return not self.requires_key or self.api_key() is not None
 
     def cost_of(self, tokens_in: int, tokens_out: int) -> Decimal:
-        cost = (Decimal(tokens_in) * self.price_input_per_1k + Decimal(tokens_out) * self.price_output_per_1k) / 1000
-        return cost.quantize(Decimal("0.000001"))
+        return token_cost((self.price_input_per_1k, self.price_output_per_1k), tokens_in, tokens_out)
 
 
 class BotDecision(models.Model):

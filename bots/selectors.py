@@ -43,10 +43,6 @@ def candidate_history(*, participant_id: int, before_round: int, rounds: int | N
             for r in sorted(set(messages) | set(points) | set(chosen))]
 
 
-def _name(role: str, seat: str) -> str:
-    return Participant(role=role, seat=seat).public_name
-
-
 def group_history(*, group_id: int, before_round: int, rounds: int) -> list[dict[str, Any]]:
     """The group's latest ``rounds`` earlier rounds, oldest first, for a bot whose memory arm is ``group``.
 
@@ -64,12 +60,12 @@ def group_history(*, group_id: int, before_round: int, rounds: int) -> list[dict
 
     for r, seat, text in (Message.objects.filter(group_id=group_id, **window)
                           .order_by("round_number", "candidate__seat").values_list("round_number", "candidate__seat", "text")):
-        entry(r)["messages"].append({"candidate": _name(Participant.Role.CANDIDATE, seat), "message": text})
+        entry(r)["messages"].append({"candidate": Participant.name_of(Participant.Role.CANDIDATE, seat), "message": text})
     for r, selector, candidate, sent, returned in (
             Choice.objects.filter(group_id=group_id, **window).order_by("round_number", "selector__seat")
             .values_list("round_number", "selector__seat", "candidate__seat", "sent", "return_decision__returned")):
-        entry(r)["choices"].append({"selector": _name(Participant.Role.SELECTOR, selector),
-                                    "chose": _name(Participant.Role.CANDIDATE, candidate) if candidate else None,
+        entry(r)["choices"].append({"selector": Participant.name_of(Participant.Role.SELECTOR, selector),
+                                    "chose": Participant.name_of(Participant.Role.CANDIDATE, candidate) if candidate else None,
                                     "sent": sent, "returned": returned})
     return [by_round[r] for r in sorted(by_round)]
 

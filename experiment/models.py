@@ -369,9 +369,14 @@ class Participant(models.Model):
 
     @property
     def public_name(self) -> str:
-        if self.role == self.Role.CANDIDATE:
-            return f"Candidate {self.seat}"
-        return f"Selector {self.seat[1:]}" if self.seat else "Participant"
+        return self.name_of(self.role, self.seat)
+
+    @classmethod
+    def name_of(cls, role: str, seat: str) -> str:
+        """The name the game shows for a seat ("Candidate B", "Selector 2"), from its role and seat alone."""
+        if role == cls.Role.CANDIDATE:
+            return f"Candidate {seat}"
+        return f"Selector {seat[1:]}" if seat else "Participant"
 
 
 class SeatConnection(models.Model):
